@@ -1,0 +1,276 @@
+"""Fenchel–Young penalties for activation functions.
+
+For a convex F with F' = φ, the penalty
+
+    B_φ(u, v) = F(u) + F*(v) − u·v
+
+is biconvex, B ≥ 0 on the domain of F*, and B = 0 exactly when v = φ(u)
+(the Fenchel–Young equality). Every penalty here is written in the slightly
+more general separable form
+
+    P(u, v) = F(u) + G(v) − c·u·v,
+
+with c = 1 and G = F* for the Fenchel penalties. The same form covers the
+squared penalty of lifted neural networks (LNN, Askari et al. 2018),
+‖v − u‖² with v ≥ 0, via F(u) = u², G(v) = v² + ι(v ≥ 0), c = 2; it is *not*
+a Fenchel–Young penalty (it equals 2·B_relu + min(u, 0)²).
+
+Block solvers only need: the smooth part in u (F, with curvature bound
+sup F''), the proximal map of G, the domain projection and the coupling c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.special import xlogy
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+    """Separable biconvex penalty P(u, v) = F(u) + G(v) − c·u·v, elementwise.
+
+    Attributes:
+      name: activation name.
+      forward: the activation φ, the minimiser of P(u, ·) (φ = F' for Fenchel).
+      F: convex function of the pre-activation u.
+      G: convex function of v on its domain (F* for Fenchel penalties).
+      prox_G: (z, s) ↦ argmin_v s·G(v) + ½(v − z)², elementwise, s ≥ 0.
+      project: Euclidean projection onto dom G.
+      coupling: the constant c.
+      curvature_u: sup_u F''(u), a Lipschitz constant of ∂P/∂u.
+      lower: lower end of dom G (−inf if unbounded).
+      upper: upper end of dom G (+inf if unbounded).
+    """
+
+    name: str
+    forward: Callable[[Array], Array]
+    F: Callable[[Array], Array]
+    G: Callable[[Array], Array]
+    prox_G: Callable[[Array, Array], Array]
+    project: Callable[[Array], Array]
+    coupling: float
+    curvature_u: float
+    lower: float
+    upper: float
+
+    def in_domain(self, v: Array) -> Array:
+        """Boolean mask of v ∈ dom G."""
+        return (v >= self.lower) & (v <= self.upper)
+
+    def value(self, u: Array, v: Array) -> Array:
+        """P(u, v) elementwise; +inf where v lies outside dom G."""
+        v_safe = self.project(v)
+        val = self.F(u) + self.G(v_safe) - self.coupling * u * v_safe
+        return jnp.where(self.in_domain(v), val, jnp.inf)
+
+    def smooth_u(self, u: Array, v: Array) -> Array:
+        """The part of P smooth in u for fixed v: F(u) − c·u·v."""
+        return self.F(u) - self.coupling * u * v
+
+    def __call__(self, u: Array, v: Array) -> Array:
+        return self.value(u, v)
+
+
+# ---------------------------------------------------------------- scalar root
+def _monotone_root(fn, dfn, lo, hi, iters: int = 40):
+    """Safeguarded Newton for the root of an increasing fn on [lo, hi].
+
+    Elementwise and fixed-iteration (fori_loop), so it vectorises and jits.
+    """
+
+    def body(_, carry):
+        t, lo, hi = carry
+        f = fn(t)
+        lo = jnp.where(f < 0, t, lo)
+        hi = jnp.where(f > 0, t, hi)
+        newton = t - f / dfn(t)
+        inside = (newton > lo) & (newton < hi)
+        t = jnp.where(inside, newton, 0.5 * (lo + hi))
+        return t, lo, hi
+
+    t0 = 0.5 * (lo + hi)
+    t, _, _ = jax.lax.fori_loop(0, iters, body, (t0, lo, hi))
+    return t
+
+
+# ---------------------------------------------------------------- relu
+def _relu_prox(z, s):
+    # argmin_{v ≥ 0} s·v²/2 + (v − z)²/2
+    return jnp.maximum(z, 0.0) / (1.0 + s)
+
+
+def relu_penalty() -> Penalty:
+    """B(u, v) = ½v² + ½relu(u)² − u·v, v ≥ 0."""
+    return Penalty(
+        name="relu",
+        forward=jax.nn.relu,
+        F=lambda u: 0.5 * jax.nn.relu(u) ** 2,
+        G=lambda v: 0.5 * v**2,
+        prox_G=_relu_prox,
+        project=optax.projections.projection_non_negative,
+        coupling=1.0,
+        curvature_u=1.0,
+        lower=0.0,
+        upper=jnp.inf,
+    )
+
+
+# ---------------------------------------------------------------- leaky relu
+def leaky_relu_penalty(negative_slope: float = 0.01) -> Penalty:
+    """B = ½u₊² + (a/2)u₋² + ½v₊² + (1/2a)v₋² − u·v, a ∈ (0, 1)."""
+    a = float(negative_slope)
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"leaky_relu needs negative_slope in (0, 1), got {a}")
+
+    def prox(z, s):
+        return jnp.where(z >= 0, z / (1.0 + s), z / (1.0 + s / a))
+
+    return Penalty(
+        name="leaky_relu",
+        forward=lambda u: jnp.where(u >= 0, u, a * u),
+        F=lambda u: 0.5 * jax.nn.relu(u) ** 2 + 0.5 * a * jnp.minimum(u, 0.0) ** 2,
+        G=lambda v: 0.5 * jax.nn.relu(v) ** 2 + 0.5 / a * jnp.minimum(v, 0.0) ** 2,
+        prox_G=prox,
+        project=lambda v: v,
+        coupling=1.0,
+        curvature_u=1.0,
+        lower=-jnp.inf,
+        upper=jnp.inf,
+    )
+
+
+# ---------------------------------------------------------------- sigmoid
+def _bernoulli_negentropy(v):
+    return xlogy(v, v) + xlogy(1.0 - v, 1.0 - v)
+
+
+def _sigmoid_prox(z, s):
+    # v = σ(t) with s·t + σ(t) = z; the root lies in [(z − 1)/s, z/s].
+    z, s = jnp.broadcast_arrays(z, jnp.asarray(s, dtype=jnp.result_type(z)))
+    s_safe = jnp.maximum(s, 1e-30)
+    fn = lambda t: s_safe * t + jax.nn.sigmoid(t) - z  # noqa: E731
+    dfn = lambda t: s_safe + jax.nn.sigmoid(t) * (1 - jax.nn.sigmoid(t))  # noqa: E731
+    t = _monotone_root(fn, dfn, (z - 1.0) / s_safe, z / s_safe)
+    return jnp.where(s > 0, jax.nn.sigmoid(t), jnp.clip(z, 0.0, 1.0))
+
+
+def sigmoid_penalty() -> Penalty:
+    """B = log(1 + eᵘ) + v log v + (1 − v) log(1 − v) − u·v, v ∈ [0, 1]."""
+    return Penalty(
+        name="sigmoid",
+        forward=jax.nn.sigmoid,
+        F=jax.nn.softplus,
+        G=_bernoulli_negentropy,
+        prox_G=_sigmoid_prox,
+        project=lambda v: optax.projections.projection_box(v, 0.0, 1.0),
+        coupling=1.0,
+        curvature_u=0.25,
+        lower=0.0,
+        upper=1.0,
+    )
+
+
+# ---------------------------------------------------------------- tanh
+def _log_cosh(u):
+    a = jnp.abs(u)
+    return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0)
+
+
+def _tanh_conj(v):
+    return 0.5 * (xlogy(1.0 + v, 1.0 + v) + xlogy(1.0 - v, 1.0 - v))
+
+
+def _tanh_prox(z, s):
+    # v = tanh(t) with s·t + tanh(t) = z; the root lies in [(z − 1)/s, (z + 1)/s].
+    z, s = jnp.broadcast_arrays(z, jnp.asarray(s, dtype=jnp.result_type(z)))
+    s_safe = jnp.maximum(s, 1e-30)
+    fn = lambda t: s_safe * t + jnp.tanh(t) - z  # noqa: E731
+    dfn = lambda t: s_safe + 1.0 - jnp.tanh(t) ** 2  # noqa: E731
+    t = _monotone_root(fn, dfn, (z - 1.0) / s_safe, (z + 1.0) / s_safe)
+    return jnp.where(s > 0, jnp.tanh(t), jnp.clip(z, -1.0, 1.0))
+
+
+def tanh_penalty() -> Penalty:
+    """B = log cosh u + ½[(1+v)log(1+v) + (1−v)log(1−v)] − u·v, v ∈ [−1, 1]."""
+    return Penalty(
+        name="tanh",
+        forward=jnp.tanh,
+        F=_log_cosh,
+        G=_tanh_conj,
+        prox_G=_tanh_prox,
+        project=lambda v: optax.projections.projection_box(v, -1.0, 1.0),
+        coupling=1.0,
+        curvature_u=1.0,
+        lower=-1.0,
+        upper=1.0,
+    )
+
+
+# ---------------------------------------------------------------- LNN
+def lnn_relu_penalty() -> Penalty:
+    """LNN's squared penalty ‖v − u‖², v ≥ 0 (forward map relu); not a lower bound."""
+
+    def prox(z, s):
+        # argmin_{v ≥ 0} s·v² + ½(v − z)²
+        return jnp.maximum(z, 0.0) / (1.0 + 2.0 * s)
+
+    return Penalty(
+        name="lnn_relu",
+        forward=jax.nn.relu,
+        F=lambda u: u**2,
+        G=lambda v: v**2,
+        prox_G=prox,
+        project=optax.projections.projection_non_negative,
+        coupling=2.0,
+        curvature_u=2.0,
+        lower=0.0,
+        upper=jnp.inf,
+    )
+
+
+_FACTORIES = {
+    "relu": relu_penalty,
+    "leaky_relu": leaky_relu_penalty,
+    "sigmoid": sigmoid_penalty,
+    "tanh": tanh_penalty,
+}
+
+ACTIVATIONS = tuple(_FACTORIES)
+
+
+def get_penalty(activation: str, lifting: str = "fenchel", **params) -> Penalty:
+    """The penalty for `activation` ("relu", "leaky_relu", "sigmoid", "tanh").
+
+    lifting="fenchel" gives the Fenchel–Young penalty B_φ; lifting="lnn" gives
+    the squared LNN penalty (relu only).
+    """
+    if lifting == "lnn":
+        if activation != "relu":
+            raise ValueError(f"lifting='lnn' supports only activation='relu', got {activation!r}")
+        if params:
+            raise ValueError(f"lnn_relu takes no parameters, got {sorted(params)}")
+        return lnn_relu_penalty()
+    if lifting != "fenchel":
+        raise ValueError(f"unknown lifting {lifting!r}; known: 'fenchel', 'lnn'")
+    if activation not in _FACTORIES:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    try:
+        return _FACTORIES[activation](**params)
+    except TypeError as err:
+        raise ValueError(f"bad parameters {params} for activation {activation!r}: {err}") from None
+
+
+def penalty(activation: str, u: Array, v: Array, **params) -> Array:
+    """Elementwise Fenchel–Young penalty B_φ(u, v) = F(u) + F*(v) − u·v.
+
+    +inf where v lies outside the domain of F*. `params` go to the activation
+    (e.g. negative_slope for leaky_relu).
+    """
+    return get_penalty(activation, **params).value(jnp.asarray(u), jnp.asarray(v))
