@@ -56,6 +56,7 @@ class LiftedConfig:
     alternations: int = 1
     schedule: str = "sequential"
     x_mode: str = "batched"
+    w_mode: str = "auto"
     x_solver: SolverConfig = SolverConfig(tol=1e-5, max_steps=100)
     w_solver: SolverConfig = SolverConfig(tol=1e-5, max_steps=100)
 
@@ -64,11 +65,13 @@ class LiftedConfig:
             raise ValueError(f"unknown loss {self.loss!r}; known: {', '.join(LOSSES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.w_mode not in blocks.W_MODES:
+            raise ValueError(f"unknown w_mode {self.w_mode!r}; known: {', '.join(blocks.W_MODES)}")
         if self.x_mode not in blocks.X_MODES:
             raise ValueError(f"unknown x_mode {self.x_mode!r}; known: {', '.join(blocks.X_MODES)}")
         for name in ("lambdas", "rho"):
             vals = getattr(self, name)
-            vals = [vals] if jnp.ndim(vals) == 0 else list(vals)
+            vals = list(vals) if isinstance(vals, (list, tuple)) else [vals]
             if any(not (v >= 0) for v in vals):
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not self.rho_prox >= 0:
@@ -77,7 +80,7 @@ class LiftedConfig:
             raise ValueError(f"lbd_coef must be positive, got {self.lbd_coef}")
         if int(self.alternations) < 1:
             raise ValueError(f"alternations must be ≥ 1, got {self.alternations}")
-        self.penalty  # validates activation / lifting
+        _ = self.penalty  # validates activation / lifting
 
     @property
     def penalty(self):
@@ -119,6 +122,7 @@ class LiftedTrainer:
         self.lambdas = broadcast_per_layer(config.lambdas, n_layers - 1, "lambdas")
         self.rhos = broadcast_per_layer(config.rho, n_layers, "rho")
         self.forward = jax.jit(lambda p, x0: forward(p, x0, self.penalty, linear_map)[0])
+        self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, linear_map)[1])
         self.objective_terms = jax.jit(self._objective_terms)
         self.x_step = jax.jit(self._x_step)
         self.w_step = jax.jit(self._w_step)
@@ -173,11 +177,12 @@ class LiftedTrainer:
         anchor = None if anchors is None else anchors[l]
         if l == self.n_layers - 1:
             return blocks.solve_w_out(
-                params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor, c.rho_prox, self.linear_map
+                params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor, c.rho_prox, self.linear_map,
+                c.w_mode,
             )
         return blocks.solve_w_hidden(
             self.penalty, params[l], inputs[l], xs[l], self.lambdas[l], self.rhos[l], c.w_solver,
-            anchor, c.rho_prox, self.linear_map,
+            anchor, c.rho_prox, self.linear_map, c.w_mode,
         )
 
     def _w_step(self, params, xs, x0, y, anchors=None):

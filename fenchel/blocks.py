@@ -190,14 +190,108 @@ def solve_x_last(
     return _solve_rows(problem, (penalty.project(x), u_prev, y), lip, cfg, mode)
 
 
+W_MODES = ("auto", "primal", "kernel")
+
+
 def _proximal_term(layer, anchor, rho_prox):
     if anchor is None:
         return 0.0
     return rho_prox * _sq_norm(jax.tree_util.tree_map(jnp.subtract, layer, anchor))
 
 
-def _identity_composite(smooth):
-    return Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0)
+def _frobenius(tree) -> jax.Array:
+    return jnp.sqrt(_sq_norm(tree))
+
+
+def _use_kernel(w_mode: str, x_in, linear_map) -> bool:
+    if w_mode not in W_MODES:
+        raise ValueError(f"unknown w_mode {w_mode!r}; known: {', '.join(W_MODES)}")
+    if w_mode == "primal":
+        return False
+    fits = linear_map is dense and x_in.ndim == 2
+    if w_mode == "kernel" and not fits:
+        raise ValueError("w_mode='kernel' needs a dense layer with 2-D input")
+    return fits and (w_mode == "kernel" or x_in.shape[0] <= x_in.shape[1])
+
+
+def _solve_w(fit, fit_curvature, layer, x_in, rho, cfg, anchor, rho_prox, linear_map, w_mode):
+    """argmin_{W,b} fit(A(X; W) + b) + ρ‖W‖² + ρ'‖(W, b) − anchor‖² by FISTA.
+
+    fit: U ↦ scalar, convex with ∇² ⪯ fit_curvature·I in U. The residual is the
+    Frobenius norm of the gradient mapping. Primal form: iterate on (W, b).
+    Kernel form (dense, N ≤ n_in): the gradient Xᵀg + 2ρW + 2ρ'(W − W_a) keeps
+    every iterate in span{W_0, W_a} ⊕ rowspace(X), so W = a·W_0 + c·W_a + Xᵀβ
+    and each iteration costs N×N products instead of N×n_in ones; the
+    iterates are the primal ones, exactly.
+    """
+    has_anchor = anchor is not None
+    rp = rho_prox if has_anchor else 0.0
+    mu = 2.0 * (rho + rp)  # curvature of the regulariser + proximal term
+    if not _use_kernel(w_mode, x_in, linear_map):
+        def smooth(p):
+            u = preactivation(p, x_in, linear_map)
+            return fit(u) + rho * jnp.sum(p["kernel"] ** 2) + _proximal_term(p, anchor, rho_prox)
+
+        op = weight_operator_norm_sq(x_in, layer["kernel"], linear_map, cfg.power_iters)
+        lip = jnp.maximum(cfg.lipschitz_margin * fit_curvature * op + mu, _MIN_LIPSCHITZ)
+        problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, norm=_frobenius)
+        return FISTA(cfg.tol, cfg.max_steps).run(problem, layer, lip)
+
+    w0, b0 = layer["kernel"], layer["bias"]
+    wa = anchor["kernel"] if has_anchor else jnp.zeros_like(w0)
+    ba = anchor["bias"] if has_anchor else jnp.zeros_like(b0)
+    gram = x_in @ x_in.T  # K = X Xᵀ
+    x_w0 = x_in @ w0
+    same = has_anchor and anchor["kernel"] is layer["kernel"]  # the first round of a minibatch
+    x_wa = x_w0 if same else x_in @ wa
+    g00, g0a, gaa = jnp.sum(w0 * w0), jnp.sum(w0 * wa), jnp.sum(wa * wa)
+
+    # The representation also carries kbeta = Kβ: every FISTA operation is
+    # linear, so the invariant holds and each iteration needs one K product.
+    def w_inner(p, q):
+        """⟨W_p, W_q⟩ for W = a·W_0 + c·W_a + Xᵀβ."""
+        return (p["a"] * q["a"] * g00 + (p["a"] * q["c"] + p["c"] * q["a"]) * g0a + p["c"] * q["c"] * gaa
+                + jnp.sum(x_w0 * (p["a"] * q["beta"] + q["a"] * p["beta"]))
+                + jnp.sum(x_wa * (p["c"] * q["beta"] + q["c"] * p["beta"]))
+                + jnp.sum(p["beta"] * q["kbeta"]))
+
+    def inner(p, q):
+        return w_inner(p, q) + jnp.sum(p["b"] * q["b"])
+
+    def preact(p):
+        return p["a"] * x_w0 + p["c"] * x_wa + p["kbeta"] + p["b"]
+
+    def diff_anchor(p):  # (W, b) − anchor in the representation
+        return {**p, "c": p["c"] - 1.0, "b": p["b"] - ba}
+
+    def smooth(p):
+        val = fit(preact(p)) + rho * w_inner(p, p)
+        if has_anchor:
+            d = diff_anchor(p)
+            val = val + rho_prox * inner(d, d)
+        return val
+
+    def grad(p):
+        g = jax.grad(fit)(preact(p))
+        return {
+            "a": mu * p["a"],
+            "c": mu * p["c"] - 2.0 * rp,
+            "beta": g + mu * p["beta"],
+            "kbeta": gram @ g + mu * p["kbeta"],
+            "b": jnp.sum(g, axis=0) + 2.0 * rp * (p["b"] - ba),
+        }
+
+    ones = jnp.ones((x_in.shape[0], 1), x_in.dtype)
+    op = power_iteration(lambda v: gram @ v + ones @ (ones.T @ v), ones, cfg.power_iters)
+    lip = jnp.maximum(cfg.lipschitz_margin * fit_curvature * op + mu, _MIN_LIPSCHITZ)
+    dtype = w0.dtype
+    beta0 = jnp.zeros((x_in.shape[0], w0.shape[-1]), dtype)
+    rep0 = {"a": jnp.ones((), dtype), "c": jnp.zeros((), dtype), "beta": beta0, "kbeta": beta0, "b": b0}
+    problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, grad=grad,
+                        inner=inner, norm=lambda p: jnp.sqrt(jnp.maximum(inner(p, p), 0.0)))
+    rep, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep0, lip)
+    kernel = rep["a"] * w0 + rep["c"] * wa + x_in.T @ rep["beta"]
+    return {"kernel": kernel, "bias": rep["b"]}, info
 
 
 def solve_w_hidden(
@@ -211,20 +305,16 @@ def solve_w_hidden(
     anchor: Optional[dict] = None,
     rho_prox: float = 0.0,
     linear_map: Callable = dense,
+    w_mode: str = "auto",
 ) -> tuple[dict, SolveInfo]:
     """argmin_{W,b} (λ/N) Σ P(A(X_in; W) + b, X_out) + ρ‖W‖² + ρ'‖(W, b) − anchor‖²."""
     n = x_in.shape[0]
 
-    def smooth(p):
-        u = preactivation(p, x_in, linear_map)
-        fit = lam / n * jnp.sum(penalty.smooth_u(u, x_out))
-        return fit + rho * jnp.sum(p["kernel"] ** 2) + _proximal_term(p, anchor, rho_prox)
+    def fit(u):
+        return lam / n * jnp.sum(penalty.smooth_u(u, x_out))
 
-    op = weight_operator_norm_sq(x_in, layer["kernel"], linear_map, cfg.power_iters)
-    prox_curv = 2.0 * rho_prox if anchor is not None else 0.0
-    lip = cfg.lipschitz_margin * (lam / n * penalty.curvature_u * op) + 2.0 * rho + prox_curv
-    solver = FISTA(cfg.tol, cfg.max_steps)
-    return solver.run(_identity_composite(smooth), layer, jnp.maximum(lip, _MIN_LIPSCHITZ))
+    return _solve_w(fit, lam / n * penalty.curvature_u, layer, x_in, rho, cfg, anchor, rho_prox,
+                    linear_map, w_mode)
 
 
 def solve_w_out(
@@ -237,17 +327,13 @@ def solve_w_out(
     anchor: Optional[dict] = None,
     rho_prox: float = 0.0,
     linear_map: Callable = dense,
+    w_mode: str = "auto",
 ) -> tuple[dict, SolveInfo]:
     """argmin_{W,b} (1/N) Σ loss(Y, A(X_L; W) + b) + ρ‖W‖² + ρ'‖(W, b) − anchor‖²."""
-
-    def smooth(p):
-        logits = preactivation(p, x_in, linear_map)
-        fit = jnp.mean(loss_per_sample(loss, y, logits))
-        return fit + rho * jnp.sum(p["kernel"] ** 2) + _proximal_term(p, anchor, rho_prox)
-
-    op = weight_operator_norm_sq(x_in, layer["kernel"], linear_map, cfg.power_iters)
-    prox_curv = 2.0 * rho_prox if anchor is not None else 0.0
     n = x_in.shape[0]
-    lip = cfg.lipschitz_margin * (loss_curvature(loss) / n * op) + 2.0 * rho + prox_curv
-    solver = FISTA(cfg.tol, cfg.max_steps)
-    return solver.run(_identity_composite(smooth), layer, jnp.maximum(lip, _MIN_LIPSCHITZ))
+
+    def fit(u):
+        return jnp.mean(loss_per_sample(loss, y, u))
+
+    return _solve_w(fit, loss_curvature(loss) / n, layer, x_in, rho, cfg, anchor, rho_prox,
+                    linear_map, w_mode)

@@ -81,7 +81,7 @@ def regulariser(params: Params, rho) -> jax.Array:
 
 def broadcast_per_layer(value, n: int, name: str) -> tuple:
     """A float or a length-n sequence → a length-n tuple."""
-    if isinstance(value, (int, float)) or jnp.ndim(value) == 0:
+    if not isinstance(value, (list, tuple)) and jnp.ndim(value) == 0:
         return (value,) * n
     value = tuple(value)
     if len(value) != n:

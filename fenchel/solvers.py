@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +50,21 @@ class Composite(NamedTuple):
       solver is row-separable.
     prox: (z, s) ↦ argmin_x s·g(x) + ½‖x − z‖².
     nonsmooth: x ↦ g(x), same shape as `smooth`'s output.
+
+    Optional geometry, for iterates held in a linear re-parametrisation of
+    the true variable (e.g. W = a·W_anchor + Xᵀβ); all must then be those of
+    the true variable, expressed in the representation:
+    grad: x ↦ ∇f(x) (default: autodiff of `smooth`).
+    inner: (x, y) ↦ ⟨x, y⟩ (default: the Euclidean inner product of the leaves).
+    norm: x ↦ ‖x‖ used for the residual (default: max-abs, per row if row-separable).
     """
 
     smooth: Callable[[PyTree], jax.Array]
     prox: Callable[[PyTree, jax.Array], PyTree]
     nonsmooth: Callable[[PyTree], jax.Array]
+    grad: Optional[Callable[[PyTree], PyTree]] = None
+    inner: Optional[Callable[[PyTree, PyTree], jax.Array]] = None
+    norm: Optional[Callable[[PyTree], jax.Array]] = None
 
 
 class FISTAState(NamedTuple):
@@ -153,20 +163,30 @@ class FISTA:
     def update(self, problem: Composite, state: FISTAState, lipschitz) -> FISTAState:
         rows = self.row_separable
         step_size = 1.0 / lipschitz
-        grad = jax.grad(lambda v: jnp.sum(problem.smooth(v)))(state.y)
+        if problem.grad is None:
+            grad = jax.grad(lambda v: jnp.sum(problem.smooth(v)))(state.y)
+        else:
+            grad = problem.grad(state.y)
         z = problem.prox(jax.tree_util.tree_map(lambda y, g: y - step_size * g, state.y, grad), step_size)
         diff_yz = jax.tree_util.tree_map(jnp.subtract, state.y, z)
-        residual = lipschitz * _reduce(diff_yz, lambda a, axis=None: jnp.max(jnp.abs(a), axis=axis), jnp.maximum, rows)
+        if problem.norm is None:
+            max_abs = lambda a, axis=None: jnp.max(jnp.abs(a), axis=axis)  # noqa: E731
+            residual = lipschitz * _reduce(diff_yz, max_abs, jnp.maximum, rows)
+        else:
+            residual = lipschitz * problem.norm(diff_yz)
         t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * state.t**2))
         beta = (state.t - 1.0) / t_next
         if self.restart:
             dz = jax.tree_util.tree_map(jnp.subtract, z, state.x)
-            inner = _reduce(
-                jax.tree_util.tree_map(jnp.multiply, diff_yz, dz),
-                lambda a, axis=None: jnp.sum(a, axis=axis),
-                jnp.add,
-                rows,
-            )
+            if problem.inner is None:
+                inner = _reduce(
+                    jax.tree_util.tree_map(jnp.multiply, diff_yz, dz),
+                    lambda a, axis=None: jnp.sum(a, axis=axis),
+                    jnp.add,
+                    rows,
+                )
+            else:
+                inner = problem.inner(diff_yz, dz)
             bad = inner > 0
             t_next = jnp.where(bad, 1.0, t_next)
             beta = jnp.where(bad, 0.0, beta)

@@ -1,0 +1,135 @@
+"""Fenchel–Young penalties: non-negativity, zero on the graph, exact formulas, prox maps."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+import fenchel
+from fenchel.penalties import ACTIVATIONS, get_penalty
+
+RNG = np.random.default_rng(0)
+SLOPE = 0.1
+
+
+def params_for(act):
+    return {"negative_slope": SLOPE} if act == "leaky_relu" else {}
+
+
+def sample_domain(act, n):
+    if act == "relu":
+        return RNG.exponential(1.0, n)
+    if act == "sigmoid":
+        return RNG.uniform(0, 1, n)
+    if act == "tanh":
+        return RNG.uniform(-1, 1, n)
+    return RNG.normal(0, 2, n)
+
+
+def reference_B(act, u, v):
+    """The issue's formulas, written independently in numpy."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xlogx = lambda x: np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)  # noqa: E731
+        if act == "relu":
+            return 0.5 * v**2 + 0.5 * np.maximum(u, 0) ** 2 - u * v
+        if act == "leaky_relu":
+            a = SLOPE
+            up, um = np.maximum(u, 0), np.minimum(u, 0)
+            vp, vm = np.maximum(v, 0), np.minimum(v, 0)
+            return 0.5 * up**2 + a / 2 * um**2 + 0.5 * vp**2 + vm**2 / (2 * a) - u * v
+        if act == "sigmoid":
+            return np.logaddexp(0, u) + xlogx(v) + xlogx(1 - v) - u * v
+        if act == "tanh":
+            return np.log(np.cosh(u)) + 0.5 * (xlogx(1 + v) + xlogx(1 - v)) - u * v
+    raise AssertionError(act)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_nonnegative_on_domain(act):
+    u = RNG.normal(0, 3, 5000)
+    v = sample_domain(act, 5000)
+    b = np.asarray(fenchel.penalty(act, u, v, **params_for(act)))
+    assert np.all(np.isfinite(b))
+    assert b.min() >= -1e-12
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_zero_exactly_on_graph(act):
+    pen = get_penalty(act, **params_for(act))
+    u = np.linspace(-6, 6, 1001)
+    on_graph = np.asarray(pen(u, pen.forward(u)))
+    assert np.abs(on_graph).max() <= 1e-6
+    # ...and strictly positive off the graph
+    v = np.asarray(pen.project(pen.forward(u) + 0.3 * np.sign(np.sin(7 * u)) + 0.05))
+    off = np.abs(v - np.asarray(pen.forward(u))) > 1e-3
+    assert np.all(np.asarray(pen(u, v))[off] > 0)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_matches_reference_formula(act):
+    u = RNG.normal(0, 3, 2000)
+    v = sample_domain(act, 2000)
+    got = np.asarray(fenchel.penalty(act, u, v, **params_for(act)))
+    np.testing.assert_allclose(got, reference_B(act, u, v), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_G_is_the_fenchel_conjugate_of_F(act):
+    """G(v) = sup_u u·v − F(u), computed by a scalar optimiser."""
+    pen = get_penalty(act, **params_for(act))
+    for v in sample_domain(act, 8):
+        v = float(np.clip(v, -0.98, 0.98)) if act == "tanh" else float(v)
+        v = float(np.clip(v, 0.02, 0.98)) if act == "sigmoid" else v
+        res = optimize.minimize_scalar(lambda u: float(pen.F(u)) - u * v, bounds=(-60, 60), method="bounded",
+                                       options={"xatol": 1e-12})
+        np.testing.assert_allclose(float(pen.G(v)), -res.fun, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("act,boundary", [("relu", [0.0]), ("sigmoid", [0.0, 1.0]), ("tanh", [-1.0, 1.0])])
+def test_finite_at_domain_boundary(act, boundary):
+    u = np.linspace(-30, 30, 61)
+    for vb in boundary:
+        b = np.asarray(fenchel.penalty(act, u, np.full_like(u, vb)))
+        assert np.all(np.isfinite(b)) and b.min() >= -1e-12
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_outside_domain_is_infinite(act):
+    v = {"relu": -0.5, "sigmoid": 1.5, "tanh": -1.5}[act]
+    assert np.isinf(float(fenchel.penalty(act, 0.3, v)))
+
+
+def test_unknown_activation_lists_the_known_ones():
+    with pytest.raises(ValueError, match="relu, leaky_relu, sigmoid, tanh"):
+        fenchel.penalty("swish", 0.0, 0.0)
+
+
+def test_bad_leaky_slope():
+    with pytest.raises(ValueError, match="negative_slope"):
+        get_penalty("leaky_relu", negative_slope=1.5)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_prox_of_G_is_optimal(act):
+    """prox_G(z, s) = argmin_v s·G(v) + ½(v − z)², checked by a bounded scalar solve."""
+    pen = get_penalty(act, **params_for(act))
+    lo = max(float(pen.lower), -50.0)
+    hi = min(float(pen.upper), 50.0)
+    for z, s in [(-2.0, 0.5), (0.3, 0.1), (1.7, 2.0), (0.9, 1e-3), (-0.4, 10.0)]:
+        got = float(pen.prox_G(jnp.asarray(z), jnp.asarray(s)))
+        obj = lambda v: s * float(pen.G(v)) + 0.5 * (v - z) ** 2  # noqa: E731
+        res = optimize.minimize_scalar(obj, bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
+        assert obj(got) <= res.fun + 1e-9
+        assert lo - 1e-12 <= got <= hi + 1e-12
+
+
+def test_lnn_penalty_is_2B_plus_negative_part_and_not_a_lower_bound():
+    """‖v − u‖² = 2·B_relu(u, v) + min(u, 0)²: it exceeds 2B where u < 0 (not a Fenchel lower bound)."""
+    u = RNG.normal(0, 2, 1000)
+    v = RNG.exponential(1.0, 1000)
+    lnn = np.asarray(get_penalty("relu", lifting="lnn")(u, v))
+    b = np.asarray(fenchel.penalty("relu", u, v))
+    np.testing.assert_allclose(lnn, 2 * b + np.minimum(u, 0) ** 2, rtol=1e-12, atol=1e-12)
+    # On the graph of relu the LNN penalty is not zero where u < 0:
+    on_graph = np.asarray(get_penalty("relu", lifting="lnn")(u, np.maximum(u, 0)))
+    assert on_graph[u < -0.1].min() > 0
