@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from fenchel import blocks
 from fenchel.blocks import SolverConfig
-from fenchel.lifted import LOSSES, broadcast_per_layer, dense, forward, objective_terms, preactivation
+from fenchel.lifted import LOSSES, broadcast_per_layer, dense, forward, loss_per_sample, objective_terms, preactivation
 from fenchel.penalties import get_penalty
 
 SCHEDULES = ("sequential", "parallel")
@@ -128,6 +128,7 @@ class LiftedTrainer:
         self.w_step = jax.jit(self._w_step)
         self.sweep = jax.jit(self._sweep)
         self.minibatch_update = jax.jit(self._minibatch_update)
+        self.minibatch_objective = jax.jit(self._minibatch_objective)
         self.w_block = jax.jit(self._w_block, static_argnums=0)
 
     # ------------------------------------------------------------ objective
@@ -202,16 +203,32 @@ class LiftedTrainer:
         return self._round(params, xs, x0, y)
 
     def _minibatch_update(self, params, x0, y):
-        """Minibatch BCD: X from a forward pass, anchors = current weights, k rounds."""
+        """Minibatch BCD: X from a forward pass, anchors = current weights, k rounds.
+
+        Returns (params, SweepInfo of the last round). The objective is not
+        evaluated here (it would cost a forward pass per step): use
+        `objective_terms` / `minibatch_objective` at logging time.
+        """
         anchors = params
         xs = forward(params, x0, self.penalty, self.linear_map)[0]
         info = None
         for _ in range(self.config.alternations):
             params, xs, info = self._round(params, xs, x0, y, anchors)
+        return params, info
+
+    def _minibatch_objective(self, params, x0, y):
+        """Terms of F after one minibatch update's X step from the forward pass, at fixed W.
+
+        This is the lifted objective the minibatch algorithm sees (a lower
+        bound of the network loss + regulariser on this batch); also returns
+        the network loss on the batch.
+        """
+        xs = forward(params, x0, self.penalty, self.linear_map)[0]
+        xs, _ = self._x_step(params, xs, x0, y)
         terms = self._objective_terms(params, xs, x0, y)
-        return params, {"objective": terms["total"], "loss": terms["loss"], "penalties": terms["penalties"],
-                        "x_residual": info.x_residual, "w_residual": info.w_residual,
-                        "x_steps": info.x_steps, "w_steps": info.w_steps, "nonfinite": info.nonfinite}
+        _, logits = forward(params, x0, self.penalty, self.linear_map)
+        terms["network_loss"] = jnp.mean(loss_per_sample(self.config.loss, y, logits))
+        return terms
 
     # ------------------------------------------------------------ drivers
     def fit_full_batch(self, params, x0, y, sweeps: int, callback: Optional[Callable] = None):
@@ -231,7 +248,7 @@ class LiftedTrainer:
                   callback: Optional[Callable] = None):
         """One epoch of minibatch BCD over seeded-shuffled data (the last partial batch is dropped).
 
-        Returns (params, metrics of the last minibatch, seconds).
+        Returns (params, SweepInfo of the last minibatch, seconds).
         """
         n = x_train.shape[0]
         if batch_size < 1 or batch_size > n:

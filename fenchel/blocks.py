@@ -59,8 +59,18 @@ def _sq_norm(tree) -> jax.Array:
     return sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(tree))
 
 
+EXACT_GRAM_MAX = 128  # dense layers with a side this small get an exact eigvalsh
+
+
 def input_operator_norm_sq(kernel, sample_shape, linear_map: Callable, iters: int) -> jax.Array:
-    """‖A(·; W)‖₂² for one sample: λ_max(AᵀA) by power iteration, Aᵀ from vjp."""
+    """‖A(·; W)‖₂² for one sample: λ_max(AᵀA) by power iteration, Aᵀ from vjp.
+
+    A dense layer with a side ≤ EXACT_GRAM_MAX gets λ_max of its small Gram
+    matrix exactly instead.
+    """
+    if linear_map is dense and kernel.ndim == 2 and min(kernel.shape) <= EXACT_GRAM_MAX:
+        small = kernel.T @ kernel if kernel.shape[1] <= kernel.shape[0] else kernel @ kernel.T
+        return jnp.linalg.eigvalsh(small)[-1]
     x = jnp.ones((1, *sample_shape), kernel.dtype)
 
     def matvec(v):
@@ -190,7 +200,7 @@ def solve_x_last(
     return _solve_rows(problem, (penalty.project(x), u_prev, y), lip, cfg, mode)
 
 
-W_MODES = ("auto", "primal", "kernel")
+W_MODES = ("auto", "primal", "kernel", "kernel_mm")
 
 
 def _proximal_term(layer, anchor, rho_prox):
@@ -203,15 +213,20 @@ def _frobenius(tree) -> jax.Array:
     return jnp.sqrt(_sq_norm(tree))
 
 
-def _use_kernel(w_mode: str, x_in, linear_map) -> bool:
+def _resolve_w_mode(w_mode: str, x_in, linear_map, mu) -> str:
+    """"auto": kernel_mm for a dense layer with N ≤ n_in and μ > 0, kernel if μ = 0, else primal."""
     if w_mode not in W_MODES:
         raise ValueError(f"unknown w_mode {w_mode!r}; known: {', '.join(W_MODES)}")
-    if w_mode == "primal":
-        return False
     fits = linear_map is dense and x_in.ndim == 2
-    if w_mode == "kernel" and not fits:
-        raise ValueError("w_mode='kernel' needs a dense layer with 2-D input")
-    return fits and (w_mode == "kernel" or x_in.shape[0] <= x_in.shape[1])
+    if w_mode in ("kernel", "kernel_mm") and not fits:
+        raise ValueError(f"w_mode={w_mode!r} needs a dense layer with 2-D input")
+    if w_mode == "kernel_mm" and not mu > 0:
+        raise ValueError("w_mode='kernel_mm' needs ρ + ρ' > 0 (a strongly convex W block)")
+    if w_mode != "auto":
+        return w_mode
+    if not fits or x_in.shape[0] > x_in.shape[1]:
+        return "primal"
+    return "kernel_mm" if mu > 0 else "kernel"
 
 
 def _solve_w(fit, fit_curvature, layer, x_in, rho, cfg, anchor, rho_prox, linear_map, w_mode):
@@ -223,11 +238,17 @@ def _solve_w(fit, fit_curvature, layer, x_in, rho, cfg, anchor, rho_prox, linear
     every iterate in span{W_0, W_a} ⊕ rowspace(X), so W = a·W_0 + c·W_a + Xᵀβ
     and each iteration costs N×N products instead of N×n_in ones; the
     iterates are the primal ones, exactly.
+    Kernel MM form (Newton-type): FISTA in the metric of the majoriser
+    P = c_f ZᵀZ + μI ⪰ ∇²(objective), Z = [X 1], i.e. steps z = y − P⁻¹∇f(y),
+    with P⁻¹ = (I − Zᵀ(μ/c_f·I + ZZᵀ)⁻¹Z)/μ from one N×N Cholesky factor.
+    It is exact on the quadratic part and monotone like any MM step; its
+    residual is ‖∇f(y)‖_{P⁻¹}.
     """
     has_anchor = anchor is not None
     rp = rho_prox if has_anchor else 0.0
     mu = 2.0 * (rho + rp)  # curvature of the regulariser + proximal term
-    if not _use_kernel(w_mode, x_in, linear_map):
+    mode = _resolve_w_mode(w_mode, x_in, linear_map, mu)
+    if mode == "primal":
         def smooth(p):
             u = preactivation(p, x_in, linear_map)
             return fit(u) + rho * jnp.sum(p["kernel"] ** 2) + _proximal_term(p, anchor, rho_prox)
@@ -244,7 +265,8 @@ def _solve_w(fit, fit_curvature, layer, x_in, rho, cfg, anchor, rho_prox, linear
     x_w0 = x_in @ w0
     same = has_anchor and anchor["kernel"] is layer["kernel"]  # the first round of a minibatch
     x_wa = x_w0 if same else x_in @ wa
-    g00, g0a, gaa = jnp.sum(w0 * w0), jnp.sum(w0 * wa), jnp.sum(wa * wa)
+    g00 = jnp.sum(w0 * w0)
+    g0a, gaa = (g00, g00) if same else (jnp.sum(w0 * wa), jnp.sum(wa * wa))
 
     # The representation also carries kbeta = Kβ: every FISTA operation is
     # linear, so the invariant holds and each iteration needs one K product.
@@ -281,15 +303,50 @@ def _solve_w(fit, fit_curvature, layer, x_in, rho, cfg, anchor, rho_prox, linear
             "b": jnp.sum(g, axis=0) + 2.0 * rp * (p["b"] - ba),
         }
 
-    ones = jnp.ones((x_in.shape[0], 1), x_in.dtype)
-    op = power_iteration(lambda v: gram @ v + ones @ (ones.T @ v), ones, cfg.power_iters)
-    lip = jnp.maximum(cfg.lipschitz_margin * fit_curvature * op + mu, _MIN_LIPSCHITZ)
     dtype = w0.dtype
     beta0 = jnp.zeros((x_in.shape[0], w0.shape[-1]), dtype)
     rep0 = {"a": jnp.ones((), dtype), "c": jnp.zeros((), dtype), "beta": beta0, "kbeta": beta0, "b": b0}
-    problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, grad=grad,
-                        inner=inner, norm=lambda p: jnp.sqrt(jnp.maximum(inner(p, p), 0.0)))
-    rep, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep0, lip)
+    ones = jnp.ones((x_in.shape[0], 1), x_in.dtype)
+    if mode == "kernel":
+        op = power_iteration(lambda v: gram @ v + ones @ (ones.T @ v), ones, cfg.power_iters)
+        lip = jnp.maximum(cfg.lipschitz_margin * fit_curvature * op + mu, _MIN_LIPSCHITZ)
+        problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, grad=grad,
+                            inner=inner, norm=lambda p: jnp.sqrt(jnp.maximum(inner(p, p), 0.0)))
+        rep, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep0, lip)
+    else:
+        # With S = ZZᵀ + sI, s = μ/c_f: P⁻¹∇ = (∇ − Zᵀq)/μ, q = S⁻¹Z∇. Writing
+        # Z∇ = (ZZᵀ)g + r' and using ZZᵀS⁻¹ = I − sS⁻¹ leaves one product per
+        # step: d = g − q = S⁻¹(s·g − r'), and K·d = s·g − r' − s·d − 1(1ᵀd).
+        shift = mu / fit_curvature
+        eye = jnp.eye(x_in.shape[0], dtype=dtype)
+        s_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram + 1.0 + shift * eye), eye)
+
+        def z_apply(p):  # Z(W, b) = XW + 1bᵀ for a representation p
+            return p["a"] * x_w0 + p["c"] * x_wa + p["kbeta"] + p["b"]
+
+        def precond_grad(p):
+            g = jax.grad(fit)(preact(p))
+            a_g, c_g = mu * p["a"], mu * p["c"] - 2.0 * rp
+            b_prox = 2.0 * rp * (p["b"] - ba)
+            r_rest = a_g * x_w0 + c_g * x_wa + mu * p["kbeta"] + b_prox
+            rhs = shift * g - r_rest
+            d = s_inv @ rhs
+            d_sum = jnp.sum(d, axis=0)
+            k_d = rhs - shift * d - d_sum
+            return {
+                "a": a_g / mu,
+                "c": c_g / mu,
+                "beta": p["beta"] + d / mu,
+                "kbeta": p["kbeta"] + k_d / mu,
+                "b": (b_prox + d_sum) / mu,
+            }
+
+        def inner_p(p, q):  # ⟨p, q⟩_P = μ⟨p, q⟩ + c_f ⟨Zp, Zq⟩
+            return mu * inner(p, q) + fit_curvature * jnp.sum(z_apply(p) * z_apply(q))
+
+        problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, grad=precond_grad,
+                            inner=inner_p, norm=lambda p: jnp.sqrt(jnp.maximum(inner_p(p, p), 0.0)))
+        rep, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep0, 1.0)
     kernel = rep["a"] * w0 + rep["c"] * wa + x_in.T @ rep["beta"]
     return {"kernel": kernel, "bias": rep["b"]}, info
 

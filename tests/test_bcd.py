@@ -86,7 +86,7 @@ def test_minibatch_epoch_compiles_once_and_fits_a_small_problem():
     assert tr.minibatch_update._cache_size() == 1  # one compilation for the whole run
     acc = float(jnp.mean(jnp.argmax(tr.predict(params, x), -1) == labels))
     assert acc >= 0.95 and acc > acc0 + 0.2, (acc0, acc)
-    assert not bool(metrics["nonfinite"])
+    assert not bool(metrics.nonfinite)
 
 
 def test_config_rejects_bad_values():
