@@ -47,7 +47,7 @@ def get_config():
     c.w_tol = 1e-4
     c.w_max_steps = 3
     # gradient trainers (sgd, adam)
-    c.learning_rate = 1e-3
+    c.learning_rate = 0.0  # 0: the trainer's default (adam 1e-3, sgd 0.05)
     c.momentum = 0.9  # sgd only
     # warm start: lifted weights → flax model → this many epochs of an optax optimiser
     c.warm_start_epochs = 1  # 0 disables

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--w-steps", type=int, default=d.w_max_steps)
     p.add_argument("--w-mode", type=str, default=d.w_mode)
     p.add_argument("--schedule", type=str, default=d.schedule)
-    p.add_argument("--adam-lr", type=float, default=d.learning_rate)
+    p.add_argument("--adam-lr", type=float, default=1e-3)
     p.add_argument("--finetune-lr", type=float, default=d.warm_start_lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=str, default=None, help="also write the results here")

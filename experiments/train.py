@@ -45,6 +45,7 @@ from fenchel.penalties import ACTIVATIONS
 LIFTED_TRAINERS = ("fenchel", "lnn")
 GRADIENT_TRAINERS = ("sgd", "adam")
 TRAINERS = LIFTED_TRAINERS + GRADIENT_TRAINERS
+DEFAULT_LEARNING_RATES = {"adam": 1e-3, "sgd": 0.05}
 CHECKPOINT = "checkpoint.msgpack"
 
 
@@ -84,7 +85,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(c.w_mode in W_MODES, f"w_mode={c.w_mode!r}, expected one of {W_MODES}")
     need(c.x_tol > 0 and c.w_tol > 0, "x_tol and w_tol must be > 0")
     need(c.x_max_steps >= 1 and c.w_max_steps >= 1, "x_max_steps and w_max_steps must be ≥ 1")
-    need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be > 0")
+    need(c.learning_rate >= 0, f"learning_rate={c.learning_rate} must be > 0 (or 0 for the trainer's default)")
     need(0 <= c.momentum < 1, f"momentum={c.momentum} must be in [0, 1)")
     need(c.warm_start_epochs >= 0, f"warm_start_epochs={c.warm_start_epochs} must be ≥ 0")
     need(c.warm_start_optimizer in GRADIENT_TRAINERS, f"warm_start_optimizer={c.warm_start_optimizer!r}")
@@ -174,14 +175,13 @@ class _Job:
         self.x_train = jnp.asarray(data.x_train)
         self.labels_train = jnp.asarray(data.y_train)
         self.y_train = jax.nn.one_hot(self.labels_train, data.num_classes, dtype=self.x_train.dtype)
-        if c.loss == "squared":
-            pass  # one-hot targets serve both losses
         self.params0 = init_params(self.model, jax.random.PRNGKey(c.seed), self.sizes[0])
         self.lifted = c.trainer in LIFTED_TRAINERS
         if self.lifted:
             self.trainer = LiftedTrainer(lifted_config(c), len(self.sizes) - 1)
         else:
-            self.trainer = OptaxTrainer(self.model, make_optimizer(c.trainer, c.learning_rate, c.momentum), c.loss,
+            lr = c.learning_rate or DEFAULT_LEARNING_RATES[c.trainer]
+            self.trainer = OptaxTrainer(self.model, make_optimizer(c.trainer, lr, c.momentum), c.loss,
                                         data.num_classes)
 
     def epoch_key(self, epoch: int) -> jax.Array:
@@ -289,7 +289,7 @@ def _make_progress(config, total, initial):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", desc=f"{config.trainer}", dynamic_ncols=True,
-                file=sys.stderr)
+                mininterval=1.0, file=sys.stderr)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, max_epochs_this_run: Optional[int] = None) -> dict:
