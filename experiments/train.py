@@ -250,19 +250,18 @@ class _Job:
         if self.lifted:
             params, info, seconds = self.trainer.run_epoch(state["params"], self.x_train, self.y_train, bs, key,
                                                            callback)
-            if bool(info.nonfinite) or not _tree_finite(params):
-                raise FloatingPointError(
-                    f"non-finite values in a block solve during epoch {epoch} (by step "
-                    f"{epoch * self.steps_per_epoch}); the run stops here, the last good checkpoint in "
-                    f"{self.workdir} is kept")
-            return {**state, "params": params}, seconds
+            return {**state, "params": params}, seconds, bool(info.nonfinite)
         variables, opt_state, loss, seconds = self.trainer.run_epoch(
             state["variables"], state["opt_state"], self.x_train, self.labels_train, bs, key, callback)
-        if not np.isfinite(float(loss)) or not _tree_finite(variables):
+        return {**state, "variables": variables, "opt_state": opt_state}, seconds, not np.isfinite(float(loss))
+
+    def check_finite(self, state, epoch: int, flagged: bool) -> None:
+        """Hard stop on divergence, before anything of this epoch is saved."""
+        if flagged or not _tree_finite(self.variables(state)):
             raise FloatingPointError(
-                f"non-finite loss during epoch {epoch} (by step {epoch * self.steps_per_epoch}); the run stops "
-                f"here, the last good checkpoint in {self.workdir} is kept")
-        return {**state, "variables": variables, "opt_state": opt_state}, seconds
+                f"training diverged: non-finite objective, loss or weights in epoch {epoch} (by step "
+                f"{epoch * self.steps_per_epoch}); the run stops here and the last good checkpoint in "
+                f"{self.workdir} (epoch {epoch - 1}) is kept")
 
     def warm_start(self, params) -> dict:
         """Lifted weights → flax model → warm_start_epochs of an optax optimiser."""
@@ -331,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, max_epochs_th
         for epoch in range(start_epoch + 1, job.total_epochs + 1):
             if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
                 return {"interrupted_after_epoch": epoch - 1}
-            state, seconds = job.run_epoch(state, epoch, progress)
+            state, seconds, flagged = job.run_epoch(state, epoch, progress)
+            job.check_finite(state, epoch, flagged)
             wall += seconds
             state = {**state, "epoch": epoch, "wall": wall}
             if epoch % config.eval_every_epochs == 0 or epoch == job.total_epochs:
