@@ -38,7 +38,7 @@ from configs import default as default_config
 from fenchel import LiftedConfig, LiftedTrainer, SolverConfig
 from fenchel.blocks import W_MODES, X_MODES
 from fenchel.data import check_finite, load_dataset
-from fenchel.lifted import LOSSES
+from fenchel.lifted import LOSSES, loss_per_sample
 from fenchel.models import OptaxTrainer, evaluate, init_params, make_mlp, make_optimizer, to_flax
 from fenchel.penalties import ACTIVATIONS
 
@@ -176,6 +176,7 @@ class _Job:
         self.labels_train = jnp.asarray(data.y_train)
         self.y_train = jax.nn.one_hot(self.labels_train, data.num_classes, dtype=self.x_train.dtype)
         self.params0 = init_params(self.model, jax.random.PRNGKey(c.seed), self.sizes[0])
+        self._sum_loss = jax.jit(lambda v, x, y: jnp.sum(loss_per_sample(c.loss, y, self.model.apply(v, x))))
         self.lifted = c.trainer in LIFTED_TRAINERS
         if self.lifted:
             self.trainer = LiftedTrainer(lifted_config(c), len(self.sizes) - 1)
@@ -230,8 +231,8 @@ class _Job:
         return record
 
     def _train_loss(self, variables, chunk: int = 10000) -> float:
-        from fenchel.lifted import loss_per_sample
-        apply = jax.jit(lambda v, x, y: jnp.sum(loss_per_sample(self.config.loss, y, self.model.apply(v, x))))
+        """Mean loss of the network over the whole training set."""
+        apply = self._sum_loss
         total = 0.0
         n = self.x_train.shape[0]
         for i in range(0, n, chunk):

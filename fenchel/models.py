@@ -111,9 +111,20 @@ class OptaxTrainer:
         return variables, opt_state, value, time.perf_counter() - start
 
 
+_JITTED_APPLY: dict = {}
+
+
+def jitted_apply(model: nn.Module):
+    """jax.jit(model.apply), built once per model so evaluations never retrace."""
+    key = id(model)
+    if key not in _JITTED_APPLY or _JITTED_APPLY[key][0] is not model:
+        _JITTED_APPLY[key] = (model, jax.jit(model.apply))
+    return _JITTED_APPLY[key][1]
+
+
 def evaluate(model: MLP, variables, x, labels, batch_size: int = 10000) -> float:
     """Top-1 accuracy of the flax model."""
-    apply = jax.jit(model.apply)
+    apply = jitted_apply(model)
     correct = 0
     for i in range(0, x.shape[0], batch_size):
         logits = apply(variables, x[i:i + batch_size])
