@@ -36,7 +36,9 @@ def get_config():
     c.lambda_ = 3.0  # λ, the multiplier of every penalty
     c.lambda_per_layer = ()  # optional: one λ per hidden layer, overrides lambda_
     c.rho = 1e-5  # ρ, weight decay Σ ρ‖W‖²
+    c.rho_per_layer = ()  # optional: one ρ per layer (hidden layers + output), overrides rho
     c.rho_prox = 0.1  # ρ', proximal term to the minibatch's starting weights
+    c.rho_prox_per_layer = ()  # optional: one ρ' per layer, overrides rho_prox
     c.lbd_coef = 1.0  # κ, weight of the downstream term in X steps (1: exact BCD)
     c.alternations = 1  # (X step, W step) rounds per minibatch
     c.schedule = "sequential"  # sequential | parallel

@@ -78,6 +78,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"lambda_per_layer needs {len(c.hidden)} values (one per hidden layer), got {len(c.lambda_per_layer)}")
     need(c.rho >= 0, f"rho={c.rho} must be ≥ 0")
     need(c.rho_prox >= 0, f"rho_prox={c.rho_prox} must be ≥ 0")
+    n_layers = len(c.hidden) + 1
+    for name in ("rho_per_layer", "rho_prox_per_layer"):
+        values = tuple(c[name])
+        need(all(v >= 0 for v in values), f"{name}={values} must be ≥ 0")
+        need(len(values) in (0, n_layers), f"{name} needs {n_layers} values (one per layer), got {len(values)}")
     need(c.lbd_coef > 0, f"lbd_coef={c.lbd_coef} must be > 0")
     need(c.alternations >= 1, f"alternations={c.alternations} must be ≥ 1")
     need(c.schedule in ("sequential", "parallel"), f"schedule={c.schedule!r}")
@@ -102,7 +107,9 @@ def lifted_config(c: ml_collections.ConfigDict) -> LiftedConfig:
         activation=c.activation, negative_slope=c.negative_slope,
         lifting="lnn" if c.trainer == "lnn" else "fenchel", loss=c.loss,
         lambdas=tuple(c.lambda_per_layer) if len(c.lambda_per_layer) else c.lambda_,
-        rho=c.rho, rho_prox=c.rho_prox, lbd_coef=c.lbd_coef, alternations=c.alternations,
+        rho=tuple(c.rho_per_layer) if len(c.rho_per_layer) else c.rho,
+        rho_prox=tuple(c.rho_prox_per_layer) if len(c.rho_prox_per_layer) else c.rho_prox,
+        lbd_coef=c.lbd_coef, alternations=c.alternations,
         schedule=c.schedule, x_mode=c.x_mode, w_mode=c.w_mode,
         x_solver=SolverConfig(tol=c.x_tol, max_steps=c.x_max_steps),
         w_solver=SolverConfig(tol=c.w_tol, max_steps=c.w_max_steps),

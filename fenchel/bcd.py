@@ -40,7 +40,7 @@ class LiftedConfig:
 
     lambdas: λ_l, one value or one per penalty (L values for L hidden layers).
     rho: ρ_l, one value or one per layer (L + 1 values).
-    rho_prox: ρ' of the proximal term in minibatch mode.
+    rho_prox: ρ' of the proximal term in minibatch mode, one value or one per layer.
     lbd_coef: κ, the weight of the downstream term in each X step (1 = exact BCD).
     alternations: (X step, W step) rounds per minibatch.
     """
@@ -51,7 +51,7 @@ class LiftedConfig:
     loss: str = "softmax"
     lambdas: PerLayer = 1.0
     rho: PerLayer = 0.0
-    rho_prox: float = 0.0
+    rho_prox: PerLayer = 0.0
     lbd_coef: float = 1.0
     alternations: int = 1
     schedule: str = "sequential"
@@ -69,13 +69,11 @@ class LiftedConfig:
             raise ValueError(f"unknown w_mode {self.w_mode!r}; known: {', '.join(blocks.W_MODES)}")
         if self.x_mode not in blocks.X_MODES:
             raise ValueError(f"unknown x_mode {self.x_mode!r}; known: {', '.join(blocks.X_MODES)}")
-        for name in ("lambdas", "rho"):
+        for name in ("lambdas", "rho", "rho_prox"):
             vals = getattr(self, name)
             vals = list(vals) if isinstance(vals, (list, tuple)) else [vals]
             if any(not (v >= 0) for v in vals):
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not self.rho_prox >= 0:
-            raise ValueError(f"rho_prox must be non-negative, got {self.rho_prox}")
         if not self.lbd_coef > 0:
             raise ValueError(f"lbd_coef must be positive, got {self.lbd_coef}")
         if int(self.alternations) < 1:
@@ -121,6 +119,7 @@ class LiftedTrainer:
         self.penalty = config.penalty
         self.lambdas = broadcast_per_layer(config.lambdas, n_layers - 1, "lambdas")
         self.rhos = broadcast_per_layer(config.rho, n_layers, "rho")
+        self.rho_proxes = broadcast_per_layer(config.rho_prox, n_layers, "rho_prox")
         self.forward = jax.jit(lambda p, x0: forward(p, x0, self.penalty, linear_map)[0])
         self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, linear_map)[1])
         self.objective_terms = jax.jit(self._objective_terms)
@@ -178,12 +177,12 @@ class LiftedTrainer:
         anchor = None if anchors is None else anchors[l]
         if l == self.n_layers - 1:
             return blocks.solve_w_out(
-                params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor, c.rho_prox, self.linear_map,
+                params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor, self.rho_proxes[l], self.linear_map,
                 c.w_mode,
             )
         return blocks.solve_w_hidden(
             self.penalty, params[l], inputs[l], xs[l], self.lambdas[l], self.rhos[l], c.w_solver,
-            anchor, c.rho_prox, self.linear_map, c.w_mode,
+            anchor, self.rho_proxes[l], self.linear_map, c.w_mode,
         )
 
     def _w_step(self, params, xs, x0, y, anchors=None):

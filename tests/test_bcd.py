@@ -98,3 +98,15 @@ def test_config_rejects_bad_values():
         LiftedConfig(activation="gelu")
     with pytest.raises(ValueError, match="per layer"):
         LiftedTrainer(LiftedConfig(lambdas=(1.0, 2.0)), 4)
+    with pytest.raises(ValueError, match="rho_prox"):
+        LiftedConfig(rho_prox=(0.1, -0.1))
+
+
+def test_per_layer_rho_prox_reaches_each_w_block():
+    """ρ' per layer: a huge ρ' on one layer pins it to its anchor, the other layer moves."""
+    x, _, y = toy()
+    params = init_mlp(jax.random.PRNGKey(7), SIZES, jnp.float64)
+    tr = LiftedTrainer(LiftedConfig(rho_prox=(1e9, 0.1, 0.1, 0.1), rho=0.0), len(SIZES) - 1)
+    new, _ = tr.minibatch_update(params, x, y)
+    assert float(jnp.max(jnp.abs(new[0]["kernel"] - params[0]["kernel"]))) < 1e-6
+    assert float(jnp.max(jnp.abs(new[-1]["kernel"] - params[-1]["kernel"]))) > 1e-3

@@ -36,6 +36,8 @@ def test_every_config_loads_and_validates(path):
     ("trainer='rmsprop'", "trainer"),
     ("rho_prox=-0.1", "rho_prox"),
     ("total_steps=10", "exactly one of total_epochs"),
+    ("rho_prox_per_layer=(0.1, 0.2, 0.3)", "rho_prox_per_layer needs 2 values"),
+    ("lambda_per_layer=(1.0, -2.0)", "lambda_per_layer"),
 ])
 def test_bad_values_fail_before_compute(override, message):
     with pytest.raises(ValueError, match=message):
