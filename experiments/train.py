@@ -307,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, max_epochs_th
     """
     validate_config(config)
     workdir = Path(workdir)
+    job = _Job(config, workdir)  # loads and checks the data before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     config_json = json.loads(config.to_json())
     config_path = workdir / "config.json"
@@ -320,7 +321,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, max_epochs_th
     else:
         atomic_write_json(config_path, config_json)
 
-    job = _Job(config, workdir)
     state = job.restore()
     if state is None:
         state = job.initial_state()

@@ -66,6 +66,15 @@ def test_idx_label_range_is_checked(tmp_path):
         load_dataset("fashion_mnist", data_dir=str(tmp_path))
 
 
+@pytest.mark.skipif(not data.FASHION_MNIST_DEBIAN_DIRS[0].exists(),
+                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_fashion_mnist_from_the_debian_package():
+    d = load_dataset("fashion_mnist", test_size=2000)
+    assert d.x_train.shape == (60000, 784) and d.x_test.shape == (2000, 784)
+    assert set(np.unique(d.y_train)) == set(range(10))
+    assert not np.allclose(d.x_test[:100], load_dataset("mnist", test_size=100).x_test)
+
+
 def test_fashion_mnist_from_a_named_folder_and_missing_error(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for stem, a in [("train-images-idx3-ubyte", rng.integers(0, 256, (30, 28, 28))),
