@@ -5,7 +5,8 @@ Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist` (Debian) or
 
     python -m experiments.run --config configs/fashion_mnist_mlp.py --workdir runs/fmnist_mlp
 
-Expected: test accuracy in the high 80% range from the lifted weights.
+Expected (measured, seed 0): test accuracy 85.68% from the lifted weights after
+10 epochs, 86.79% after warm start + 1 Adam epoch, about 32 s on 2 CPU cores.
 """
 
 from configs import default

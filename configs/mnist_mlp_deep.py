@@ -2,7 +2,8 @@
 
     python -m experiments.run --config configs/mnist_mlp_deep.py --workdir runs/mnist_mlp_deep
 
-Expected: test accuracy in the 97% range from the lifted weights (README).
+Expected (measured, seed 0): test accuracy 97.85% from the lifted weights after
+10 epochs (97.59% after warm start + 1 Adam epoch), about 58 s on 2 CPU cores.
 """
 
 from configs import default

@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--x-steps", type=int, default=d.x_max_steps)
     p.add_argument("--w-steps", type=int, default=d.w_max_steps)
     p.add_argument("--w-mode", type=str, default=d.w_mode)
+    p.add_argument("--alternations", type=int, default=d.alternations)
     p.add_argument("--schedule", type=str, default=d.schedule)
     p.add_argument("--adam-lr", type=float, default=1e-3)
     p.add_argument("--finetune-lr", type=float, default=d.warm_start_lr)
@@ -62,6 +63,7 @@ def main(argv=None):
 
     # ---- lifted
     cfg = LiftedConfig(lambdas=args.lambdas, rho=args.rho, rho_prox=args.rho_prox, schedule=args.schedule,
+                       alternations=args.alternations,
                        w_mode=args.w_mode, x_solver=SolverConfig(tol=1e-4, max_steps=args.x_steps),
                        w_solver=SolverConfig(tol=1e-4, max_steps=args.w_steps))
     lifted = LiftedTrainer(cfg, len(sizes) - 1)
@@ -106,7 +108,7 @@ def main(argv=None):
     print(f"MNIST {'-'.join(map(str, sizes))}, batch {bs}, {jax.devices()[0].platform}, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
     print(f"lifted: lambda={args.lambdas} rho={args.rho} rho'={args.rho_prox} x_steps={args.x_steps} "
-          f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule}")
+          f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} alternations={args.alternations}")
     print("| epoch | lifted | lifted + 1 Adam epoch | Adam |")
     print("|---|---|---|---|")
     for e in report:
