@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from fenchel import blocks
 from fenchel.blocks import SolverConfig
+from fenchel.data import epoch_batches
 from fenchel.lifted import LOSSES, broadcast_per_layer, dense, forward, loss_per_sample, objective_terms, preactivation
 from fenchel.penalties import get_penalty
 
@@ -249,17 +250,12 @@ class LiftedTrainer:
 
         Returns (params, SweepInfo of the last minibatch, seconds).
         """
-        n = x_train.shape[0]
-        if batch_size < 1 or batch_size > n:
-            raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
-        perm = jax.random.permutation(key, n)
-        n_batches = n // batch_size
+        batches = epoch_batches(key, x_train.shape[0], batch_size)
         start = time.perf_counter()
         metrics = None
-        for i in range(n_batches):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+        for i, idx in enumerate(batches):
             params, metrics = self.minibatch_update(params, x_train[idx], y_train[idx])
             if callback is not None:
-                callback(i, n_batches, params, metrics)
+                callback(i, len(batches), params, metrics)
         jax.block_until_ready(params)
         return params, metrics, time.perf_counter() - start

@@ -219,6 +219,17 @@ def load_dataset(
                    cast(te_x), te_y.astype(np.int32), 10)
 
 
+def epoch_batches(key, n: int, batch_size: int):
+    """Index arrays of one epoch's minibatches: a seeded permutation of range(n),
+    cut into n // batch_size batches (the last partial batch is dropped)."""
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+    import jax  # local: the loaders themselves need only numpy
+
+    perm = jax.random.permutation(key, n)
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
+
+
 def check_finite(*arrays, names=None):
     """Raise ValueError naming the first array that holds NaN or inf."""
     for i, a in enumerate(arrays):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fenchel.data import epoch_batches
 from fenchel.lifted import loss_per_sample
 from fenchel.penalties import get_penalty
 
@@ -97,16 +98,13 @@ class OptaxTrainer:
     def run_epoch(self, variables, opt_state, x_train, y_train, batch_size: int, key: jax.Array,
                   callback: Optional[Callable] = None):
         """One epoch over seeded-shuffled data (last partial batch dropped); returns (…, seconds)."""
-        n = x_train.shape[0]
-        perm = jax.random.permutation(key, n)
-        n_batches = n // batch_size
+        batches = epoch_batches(key, x_train.shape[0], batch_size)
         start = time.perf_counter()
         value = None
-        for i in range(n_batches):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+        for i, idx in enumerate(batches):
             variables, opt_state, value = self.step(variables, opt_state, x_train[idx], y_train[idx])
             if callback is not None:
-                callback(i, n_batches, variables, value)
+                callback(i, len(batches), variables, value)
         jax.block_until_ready(variables)
         return variables, opt_state, value, time.perf_counter() - start
 
