@@ -30,6 +30,7 @@ from fenchel.blocks import SolverConfig
 from fenchel.data import epoch_batches
 from fenchel.lifted import LOSSES, broadcast_per_layer, dense, forward, loss_per_sample, objective_terms, preactivation
 from fenchel.penalties import get_penalty
+from fenchel.solvers import Result
 
 SCHEDULES = ("sequential", "parallel")
 PerLayer = Union[float, Sequence[float]]
@@ -100,7 +101,7 @@ class SweepInfo(NamedTuple):
 def _worst(infos):
     res = jnp.max(jnp.stack([jnp.max(i.residual) for i in infos])) if infos else jnp.zeros(())
     steps = jnp.max(jnp.stack([jnp.max(i.steps) for i in infos])) if infos else jnp.zeros((), jnp.int32)
-    bad = jnp.any(jnp.stack([jnp.any(i.result == 2) for i in infos])) if infos else jnp.zeros((), bool)
+    bad = jnp.any(jnp.stack([jnp.any(i.result == Result.NONFINITE) for i in infos])) if infos else jnp.zeros((), bool)
     return res, steps, bad
 
 
@@ -223,10 +224,9 @@ class LiftedTrainer:
         bound of the network loss + regulariser on this batch); also returns
         the network loss on the batch.
         """
-        xs = forward(params, x0, self.penalty, self.linear_map)[0]
+        xs, logits = forward(params, x0, self.penalty, self.linear_map)
         xs, _ = self._x_step(params, xs, x0, y)
         terms = self._objective_terms(params, xs, x0, y)
-        _, logits = forward(params, x0, self.penalty, self.linear_map)
         terms["network_loss"] = jnp.mean(loss_per_sample(self.config.loss, y, logits))
         return terms
 

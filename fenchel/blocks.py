@@ -33,7 +33,14 @@ _MIN_LIPSCHITZ = 1e-8
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """Stopping rule of one block solve: ‖gradient mapping‖_∞ ≤ tol or max_steps."""
+    """Stopping rule of one block solve: residual ≤ tol, or max_steps iterations.
+
+    The residual is the norm of the gradient mapping: max-abs per sample for X
+    blocks (each sample stops on its own), Frobenius for W blocks in the
+    primal and kernel forms, ‖∇f‖_{P⁻¹} in the kernel_mm form. Lipschitz
+    constants come from `power_iters` power iterations times
+    `lipschitz_margin` (power iteration approaches λ_max from below).
+    """
 
     tol: float = 1e-5
     max_steps: int = 100
