@@ -1,6 +1,6 @@
 """Reproduce the paper table on the bundled MNIST: Adam, SGD, LNN, Fenchel, Fenchel + warm start.
 
-    python -m experiments.reproduce            # 784-300-10, 10 epochs, 3 seeds (about 10 min on 2 cores)
+    python -m experiments.reproduce            # 784-300-10, 10 epochs, 3 seeds (about 7 min on 2 cores)
     python -m experiments.reproduce --quick    # 2 epochs on 10,000 images, 2 seeds (about 2 min)
 
 Runs are resumable (rerun the same command after an interruption); results go
