@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from configs import default as default_config
-from fenchel import LiftedConfig, LiftedTrainer, SolverConfig
+from experiments.configs_util import apply_overrides
+from experiments.train import lifted_config
+from fenchel import LiftedTrainer
 from fenchel.data import load_dataset
 from fenchel.models import OptaxTrainer, evaluate, init_params, make_mlp, make_optimizer, to_flax
 
@@ -62,10 +64,10 @@ def main(argv=None):
         return evaluate(model, variables, data.x_test, data.y_test)
 
     # ---- lifted
-    cfg = LiftedConfig(lambdas=args.lambdas, rho=args.rho, rho_prox=args.rho_prox, schedule=args.schedule,
-                       alternations=args.alternations,
-                       w_mode=args.w_mode, x_solver=SolverConfig(tol=1e-4, max_steps=args.x_steps),
-                       w_solver=SolverConfig(tol=1e-4, max_steps=args.w_steps))
+    cfg = lifted_config(apply_overrides(default_config.get_config(), [
+        f"lambda_={args.lambdas}", f"rho={args.rho}", f"rho_prox={args.rho_prox}", f"schedule={args.schedule!r}",
+        f"alternations={args.alternations}", f"w_mode={args.w_mode!r}", f"x_max_steps={args.x_steps}",
+        f"w_max_steps={args.w_steps}"]))
     lifted = LiftedTrainer(cfg, len(sizes) - 1)
     bs = args.batch_size
     jax.block_until_ready(lifted.minibatch_update(params0, x_train[:bs], y_train[:bs]))  # compile

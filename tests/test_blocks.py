@@ -51,13 +51,19 @@ def gradient_mapping_norm(smooth, prox, x, step):
     return float(jnp.max(jnp.abs(x - prox(x - step * g, step))) / step)
 
 
+def x_hidden_problem(pen, seed):
+    """A random hidden-X block: (layer, U_prev, X_next, start point), seeds seed..seed+4."""
+    layer = {"kernel": rand(seed, (N_IN, N_OUT), 0.6), "bias": rand(seed + 1, (N_OUT,), 0.1)}
+    u_prev = rand(seed + 2, (N, N_IN), 1.5)
+    x_next = domain_point(pen, rand(seed + 3, (N, N_OUT), 1.5))
+    x0 = domain_point(pen, rand(seed + 4, (N, N_IN)))
+    return layer, u_prev, x_next, x0
+
+
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_x_hidden_block(act):
     pen = get_penalty(act)
-    layer = {"kernel": rand(1, (N_IN, N_OUT), 0.6), "bias": rand(2, (N_OUT,), 0.1)}
-    u_prev = rand(3, (N, N_IN), 1.5)
-    x_next = domain_point(pen, rand(4, (N, N_OUT), 1.5))
-    x0 = domain_point(pen, rand(5, (N, N_IN)))
+    layer, u_prev, x_next, x0 = x_hidden_problem(pen, 1)
     lam_prev, lam_next = 0.8, 1.7
     x, info = blocks.solve_x_hidden(pen, x0, u_prev, layer, x_next, lam_prev, lam_next, TIGHT)
     assert np.all(np.asarray(info.result) == Result.CONVERGED)
@@ -143,10 +149,7 @@ def test_w_out_block(loss, w_mode):
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_vmapped_and_batched_x_solves_agree(act):
     pen = get_penalty(act)
-    layer = {"kernel": rand(41, (N_IN, N_OUT), 0.6), "bias": rand(42, (N_OUT,), 0.1)}
-    u_prev = rand(43, (N, N_IN), 1.5)
-    x_next = domain_point(pen, rand(44, (N, N_OUT), 1.5))
-    x0 = domain_point(pen, rand(45, (N, N_IN)))
+    layer, u_prev, x_next, x0 = x_hidden_problem(pen, 41)
     cfg = SolverConfig(tol=1e-8, max_steps=300)
     xb, ib = blocks.solve_x_hidden(pen, x0, u_prev, layer, x_next, 0.8, 1.7, cfg, mode="batched")
     xv, iv = blocks.solve_x_hidden(pen, x0, u_prev, layer, x_next, 0.8, 1.7, cfg, mode="vmap")
