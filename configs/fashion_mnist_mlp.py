@@ -15,5 +15,5 @@ from configs import default
 def get_config():
     c = default.get_config()
     c.dataset = "fashion_mnist"
-    c.hidden = (300,)
+    c.layers = "dense:300"
     return c

@@ -13,5 +13,5 @@ from configs import default
 
 def get_config():
     c = default.get_config()
-    c.hidden = (300,)
+    c.layers = "dense:300"
     return c

@@ -11,5 +11,5 @@ from configs import default
 
 def get_config():
     c = default.get_config()
-    c.hidden = (300, 100)
+    c.layers = "dense:300,dense:100"
     return c

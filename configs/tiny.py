@@ -10,7 +10,7 @@ from configs import default
 
 def get_config():
     c = default.get_config()
-    c.hidden = (32,)
+    c.layers = "dense:32"
     c.train_size = 2000
     c.test_size = 1000
     c.total_epochs = 2

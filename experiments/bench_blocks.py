@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import optax
 
 from configs import default as default_config
-from fenchel import LiftedConfig, LiftedTrainer, SolverConfig, blocks
+from fenchel import LiftedConfig, LiftedTrainer, SolverConfig, blocks, init_params, mlp
 from fenchel.data import load_dataset
 from fenchel.lifted import loss_per_sample
-from fenchel.models import init_params, make_mlp
 
 
 def median_ms(fn, *args, reps=30):
@@ -43,17 +42,18 @@ def main(argv=None):
     data = load_dataset("mnist", train_size=args.batch_size)
     x = jnp.asarray(data.x_train)
     y = jax.nn.one_hot(jnp.asarray(data.y_train), 10)
-    params = init_params(make_mlp((784, 300, 10)), jax.random.PRNGKey(0), 784)
-    cfg = LiftedConfig(lambdas=d.lambda_, rho=d.rho, rho_prox=d.rho_prox,
-                       x_solver=SolverConfig(tol=1e-6, max_steps=d.x_max_steps))
-    trainer = LiftedTrainer(cfg, 2)
+    layers = mlp((784, 300, 10))
+    params = init_params(jax.random.PRNGKey(0), layers, (784,))
+    cfg = LiftedConfig(lambdas=d.lambda_, rho=d.rho, rho_prox=d.rho_prox, x_tol=1e-6, x_max_steps=d.x_max_steps)
+    trainer = LiftedTrainer(cfg, layers)
     xs, _ = trainer.x_step(params, trainer.forward(params, x), x, y)  # targets of the W step
     pen = cfg.penalty
 
     def solver(mode, steps):
         sc = SolverConfig(tol=1e-12, max_steps=steps)
         return jax.jit(lambda layer, x_in, x_out: blocks.solve_w_hidden(
-            pen, layer, x_in, x_out, d.lambda_, d.rho, sc, layer, d.rho_prox, w_mode=mode))
+            pen, layers[0], layer, x_in, x_out, d.lambda_, d.rho, sc, layer, d.rho_prox, w_mode=mode,
+            anchor_is_start=True))
 
     best = float(solver("kernel_mm", 2000)(params[0], x, xs[0])[1].value)
     print(f"first-layer W block (784x300, N={args.batch_size}, lambda={d.lambda_}, rho'={d.rho_prox}); "
@@ -78,7 +78,8 @@ def main(argv=None):
 
     def mm(steps):
         sc = SolverConfig(tol=1e-12, max_steps=steps)
-        return jax.jit(lambda p: blocks.solve_w_out(p, x_in, y, rho, "softmax", sc, p, rho_prox)[0])
+        return jax.jit(lambda p: blocks.solve_w_out(layers[1], p, x_in, y, rho, "softmax", sc, p, rho_prox,
+                                                    anchor_is_start=True)[0])
 
     def lbfgs(steps):
         opt = optax.lbfgs()
@@ -107,8 +108,8 @@ def main(argv=None):
     print("| X solve (last hidden layer, 10 iterations) | median ms |")
     print("|---|---|")
     for x_mode in ("batched", "vmap"):
-        t = LiftedTrainer(LiftedConfig(lambdas=d.lambda_, x_mode=x_mode,
-                                       x_solver=SolverConfig(tol=1e-12, max_steps=d.x_max_steps)), 2)
+        t = LiftedTrainer(LiftedConfig(lambdas=d.lambda_, x_mode=x_mode, x_tol=1e-12, x_max_steps=d.x_max_steps),
+                          layers)
         xs0 = t.forward(params, x)
         print(f"| {x_mode} | {median_ms(t.x_step, params, xs0, x, y, reps=args.reps):.2f} |", flush=True)
 

@@ -9,7 +9,7 @@ lifted objective below the network loss on the same batch, per epoch).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,18 +17,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.train import read_metrics  # noqa: E402
+from experiments.workdir import Workdir, WorkdirError  # noqa: E402
 
 
 def load(workdirs):
+    """(label, trainer, metric records) of every workdir with a config and metrics; corrupt files are errors."""
     runs = []
-    for d in workdirs:
-        cfg_path = Path(d) / "config.json"
-        records = read_metrics(d)
-        if not cfg_path.exists() or not records:
+    for d in dict.fromkeys(Path(d).resolve() for d in workdirs):
+        wd = Workdir(d)
+        cfg = wd.read_config() if wd.path.is_dir() else None
+        records = wd.read_metrics() if cfg is not None else []
+        if cfg is None or not records:
             print(f"note: {d} has no config.json or metrics, skipped")
             continue
-        cfg = json.loads(cfg_path.read_text())
         runs.append((f"{cfg['trainer']} seed {cfg['seed']}", cfg["trainer"], records))
     if not runs:
         raise ValueError("no runs with metrics among the given workdirs")
@@ -82,7 +83,12 @@ def main(argv=None):
     p.add_argument("workdirs", nargs="+")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    for path in make_plots(args.workdirs, args.out):
+    try:
+        paths = make_plots(args.workdirs, args.out)
+    except (ValueError, WorkdirError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for path in paths:
         print(path)
 
 

@@ -1,66 +1,125 @@
-"""Sweep: configs × trainers × seeds, one workdir each (resumable).
+"""Sweep: one config × trainers × seeds, one workdir each (resumable).
 
-    python -m experiments.sweep --configs configs/mnist_mlp.py --trainers fenchel,adam \
-        --seeds 0,1,2 --workdir runs/sweep [--set total_epochs=3 ...]
+    python -m experiments.sweep --config configs/mnist_mlp.py --trainers fenchel,adam --seeds 0,1,2 \
+        --workdir runs/sweep [--config.total_epochs=3 ...]
 
-Workdirs are <workdir>/<config>/<trainer>_seed<k>; an existing finished run is
-skipped, an interrupted one resumes.
+Overrides use ml_collections' own `--config.key=value` flags, as in
+`experiments.run`. Workdirs are <workdir>/<config name>/<trainer>_seed<k>. A
+finished run with the same config is reused, an interrupted one resumes, and
+a workdir holding another config is refused (use another --workdir). Every run
+is validated before any compute; a failing run is reported and the sweep goes
+on, exiting non-zero at the end with a summary of the failures.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
+import traceback
 from pathlib import Path
 
-from experiments.configs_util import apply_overrides, load_config
-from experiments.train import TRAINERS, train_and_evaluate, validate_config
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.cli import USER_ERRORS, fail, parse_flags
+
+FLAGS = flags.FLAGS
 
 
-def plan(configs, trainers, seeds, workdir, overrides=()):
-    """[(config, run workdir)] for every combination, all validated before any compute."""
+def plan(config: ml_collections.ConfigDict, name: str, trainers, seeds, workdir) -> list:
+    """[(config, run workdir)] for every trainer × seed, all validated before any compute."""
+    from experiments.train import validate_config
+    from experiments.trainers import TRAINERS
+
     runs = []
-    for path in configs:
-        base = apply_overrides(load_config(path), overrides)
-        for trainer in trainers:
-            if trainer not in TRAINERS:
-                raise ValueError(f"unknown trainer {trainer!r}; known: {', '.join(TRAINERS)}")
-            for seed in seeds:
-                config = apply_overrides(base, [f"trainer={trainer!r}", f"seed={seed}"])
-                validate_config(config)
-                runs.append((config, Path(workdir) / Path(path).stem / f"{trainer}_seed{seed}"))
+    for trainer in trainers:
+        if trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {trainer!r}; known: {', '.join(TRAINERS)}")
+        for seed in seeds:
+            run = ml_collections.ConfigDict(config.to_dict())
+            run.trainer, run.seed = trainer, int(seed)
+            validate_config(run)
+            runs.append((run, Path(workdir) / name / f"{trainer}_seed{seed}"))
     return runs
 
 
-def run_sweep(configs, trainers, seeds, workdir, overrides=()) -> list[Path]:
-    runs = plan(configs, trainers, seeds, workdir, overrides)
-    for i, (config, run_dir) in enumerate(runs, 1):
-        if (run_dir / "summary.json").exists():
-            print(f"[{i}/{len(runs)}] {run_dir}: done already", flush=True)
+def run_sweep(config: ml_collections.ConfigDict, name: str, trainers, seeds, workdir) -> tuple[list, list]:
+    """Run every planned job; returns (finished workdirs, [(workdir, error message)] of the failed ones)."""
+    from experiments.train import identity, train_and_evaluate
+    from experiments.workdir import Workdir
+
+    runs = plan(config, name, trainers, seeds, workdir)
+    done, failed = [], []
+    for i, (run, run_dir) in enumerate(runs, 1):
+        wd = Workdir(run_dir)
+        try:
+            saved = wd.read_config() if wd.path.is_dir() else None
+            if saved is not None and {k: v for k, v in saved.items() if k != "progress"} != identity(run):
+                diff = sorted(k for k in set(saved) | set(identity(run))
+                              if k != "progress" and saved.get(k) != identity(run).get(k))
+                raise ValueError(f"{run_dir} holds a run with another config (differs in {', '.join(diff)}); "
+                                 "use another --workdir for this sweep")
+            if saved is not None and wd.read_summary() is not None:
+                print(f"[{i}/{len(runs)}] {run_dir}: finished already with this config, reused", flush=True)
+                done.append(run_dir)
+                continue
+            print(f"[{i}/{len(runs)}] {run_dir}", flush=True)
+            summary = train_and_evaluate(run, run_dir)
+        except KeyboardInterrupt:
+            raise
+        except USER_ERRORS as err:
+            print(f"    failed: {err}", flush=True)
+            failed.append((run_dir, str(err)))
             continue
-        print(f"[{i}/{len(runs)}] {run_dir}", flush=True)
-        summary = train_and_evaluate(config, run_dir)
+        except Exception as err:  # noqa: BLE001 - a bug in one run must not lose the others
+            traceback.print_exc()
+            failed.append((run_dir, f"{type(err).__name__}: {err}"))
+            continue
         print(f"    test accuracy {summary['test_accuracy']:.4f}"
               + (f", warm start {summary['warm_start_test_accuracy']:.4f}" if "warm_start_test_accuracy" in summary
                  else "") + f", {summary['wall_time']:.1f}s", flush=True)
-    return [d for _, d in runs]
+        done.append(run_dir)
+    return done, failed
+
+
+def report_failures(failed) -> None:
+    if failed:
+        print(f"{len(failed)} run(s) failed:", file=sys.stderr)
+        for run_dir, message in failed:
+            print(f"  {run_dir}: {message}", file=sys.stderr)
 
 
 def parse_list(text, cast=str):
-    return [cast(t) for t in text.split(",") if t]
+    return [cast(t) for t in text.split(",") if t.strip()]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", required=True, help="comma-separated config files")
-    p.add_argument("--trainers", default="fenchel,lnn,sgd,adam")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    args = p.parse_args(argv)
-    dirs = run_sweep(parse_list(args.configs), parse_list(args.trainers), parse_list(args.seeds, int), args.workdir,
-                     args.set)
-    print(json.dumps([str(d) for d in dirs]))
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("trainers", "fenchel,lnn,sgd,adam", "Comma-separated trainer names.")
+    flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+    flags.DEFINE_string("workdir", None, "Root folder of the sweep's workdirs.")
+    rest, config = parse_flags(sys.argv if argv is None else argv)
+    if len(rest) > 1:
+        fail(f"unexpected arguments: {rest[1:]}")
+    if config is None or not FLAGS.workdir:
+        fail("usage: python -m experiments.sweep --config configs/<name>.py --workdir <dir> "
+             "[--trainers a,b] [--seeds 0,1,2] [--config.key=value ...]")
+    try:
+        seeds = parse_list(FLAGS.seeds, int)
+    except ValueError:
+        fail(f"--seeds={FLAGS.seeds!r} must be comma-separated integers")
+    name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    try:
+        done, failed = run_sweep(config, name, parse_list(FLAGS.trainers), seeds, FLAGS.workdir)
+    except KeyboardInterrupt:
+        fail("interrupted; relaunch the same command to resume", 130)
+    except USER_ERRORS as err:
+        fail(str(err))
+    for d in done:
+        print(d)
+    report_failures(failed)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,28 +3,26 @@
 Public API:
   penalty(activation, u, v, **params)   elementwise B_φ(u, v) = F(u) + F*(v) − u·v
   get_penalty(activation, lifting)      the Penalty object (forward map, prox, bounds)
-  lifted_objective / objective_terms / network_loss / forward / init_mlp
+  layers.Dense, layers.mlp, init_params per-layer specs and the one initialiser
+  lifted_objective / objective_terms / network_loss / forward
   FISTA, Composite, Result              the block solver
   LiftedConfig, LiftedTrainer           block-coordinate descent (full batch, minibatch)
+  Trainer, GradientTrainer, StepInfo    the trainer interface; backprop with an optax optimiser
   SolverConfig                          stopping rule of each block solve
 """
 
+from fenchel import layers
 from fenchel.bcd import SCHEDULES, LiftedConfig, LiftedTrainer
 from fenchel.blocks import SolverConfig
-from fenchel.lifted import (
-    accuracy,
-    forward,
-    init_mlp,
-    lifted_objective,
-    network_loss,
-    objective_terms,
-    regulariser,
-)
+from fenchel.layers import Dense, init_params, mlp
+from fenchel.lifted import forward, lifted_objective, network_loss, objective_terms, regulariser
 from fenchel.penalties import ACTIVATIONS, Penalty, get_penalty, penalty
 from fenchel.solvers import FISTA, Composite, Result, SolveInfo
+from fenchel.trainer import GradientTrainer, StepInfo, Trainer, make_optimizer
 
 __all__ = [
-    "ACTIVATIONS", "SCHEDULES", "Composite", "FISTA", "LiftedConfig", "LiftedTrainer", "Penalty", "Result",
-    "SolveInfo", "SolverConfig", "accuracy", "forward", "get_penalty", "init_mlp", "lifted_objective",
-    "network_loss", "objective_terms", "penalty", "regulariser",
+    "ACTIVATIONS", "SCHEDULES", "Composite", "Dense", "FISTA", "GradientTrainer", "LiftedConfig", "LiftedTrainer",
+    "Penalty", "Result", "SolveInfo", "SolverConfig", "StepInfo", "Trainer", "forward", "get_penalty",
+    "init_params", "layers", "lifted_objective", "make_optimizer", "mlp", "network_loss", "objective_terms",
+    "penalty", "regulariser",
 ]

@@ -9,8 +9,9 @@ given X):
 
 Training modes:
   full batch  X persists across sweeps (initialised by a forward pass), no
-              proximal term; every block solve is monotone, so the objective
-              never increases.
+              proximal term; every block solve returns a point no worse than
+              its start (the solver's safeguard), so for κ = lbd_coef = 1 the
+              objective never increases.
   minibatch   per minibatch: X ← forward pass with the current weights,
               anchors ← current weights, then `alternations` rounds of
               (X step, W step) with the proximal term ρ'‖(W, b) − anchor‖².
@@ -19,7 +20,6 @@ Training modes:
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -27,10 +27,11 @@ import jax.numpy as jnp
 
 from fenchel import blocks
 from fenchel.blocks import SolverConfig
-from fenchel.data import epoch_batches
-from fenchel.lifted import LOSSES, broadcast_per_layer, dense, forward, loss_per_sample, objective_terms, preactivation
+from fenchel.layers import W_FORMS
+from fenchel.lifted import LOSSES, broadcast_per_layer, forward, loss_per_sample, objective_terms, preactivation
 from fenchel.penalties import get_penalty
 from fenchel.solvers import Result
+from fenchel.trainer import StepInfo, Trainer
 
 SCHEDULES = ("sequential", "parallel")
 PerLayer = Union[float, Sequence[float]]
@@ -38,54 +39,74 @@ PerLayer = Union[float, Sequence[float]]
 
 @dataclasses.dataclass(frozen=True)
 class LiftedConfig:
-    """Hyperparameters of lifted BCD training.
+    """Hyperparameters of lifted BCD training; the defaults are the tuned MNIST settings (see README).
+
+    Each field has its one default here; the launcher's config fields take theirs from this class.
 
     lambdas: λ_l, one value or one per penalty (L values for L hidden layers).
     rho: ρ_l, one value or one per layer (L + 1 values).
     rho_prox: ρ' of the proximal term in minibatch mode, one value or one per layer.
     lbd_coef: κ, the weight of the downstream term in each X step (1 = exact BCD).
     alternations: (X step, W step) rounds per minibatch.
+    schedule: order of the X blocks (`SCHEDULES`).
+    x_mode: X blocks batched over samples or vmapped ("batched", "vmap").
+    w_mode: W-block solver form (`fenchel.layers.W_FORMS`; "auto": the layer chooses).
+    x_tol, x_max_steps, w_tol, w_max_steps: stopping rule of each X / W block solve.
     """
 
     activation: str = "relu"
     negative_slope: float = 0.01
     lifting: str = "fenchel"
     loss: str = "softmax"
-    lambdas: PerLayer = 1.0
-    rho: PerLayer = 0.0
-    rho_prox: PerLayer = 0.0
+    lambdas: PerLayer = 3.0
+    rho: PerLayer = 1e-5
+    rho_prox: PerLayer = 0.1
     lbd_coef: float = 1.0
     alternations: int = 1
     schedule: str = "sequential"
     x_mode: str = "batched"
     w_mode: str = "auto"
-    x_solver: SolverConfig = SolverConfig(tol=1e-5, max_steps=100)
-    w_solver: SolverConfig = SolverConfig(tol=1e-5, max_steps=100)
+    x_tol: float = 1e-4
+    x_max_steps: int = 10
+    w_tol: float = 1e-4
+    w_max_steps: int = 3
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; known: {', '.join(LOSSES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        if self.w_mode not in blocks.W_MODES:
-            raise ValueError(f"unknown w_mode {self.w_mode!r}; known: {', '.join(blocks.W_MODES)}")
-        if self.x_mode not in blocks.X_MODES:
-            raise ValueError(f"unknown x_mode {self.x_mode!r}; known: {', '.join(blocks.X_MODES)}")
-        for name in ("lambdas", "rho", "rho_prox"):
+        def need(cond, field, msg):
+            if not cond:
+                raise ValueError(f"{field}={getattr(self, field)!r}: {msg}")
+
+        need(self.loss in LOSSES, "loss", f"unknown loss; known: {', '.join(LOSSES)}")
+        need(self.schedule in SCHEDULES, "schedule", f"unknown schedule; known: {', '.join(SCHEDULES)}")
+        need(self.w_mode in W_FORMS, "w_mode", f"unknown w_mode; known: {', '.join(W_FORMS)}")
+        need(self.x_mode in blocks.X_MODES, "x_mode", f"unknown x_mode; known: {', '.join(blocks.X_MODES)}")
+        for name, upper in (("lambdas", 1e6), ("rho", None), ("rho_prox", None)):
             vals = getattr(self, name)
             vals = list(vals) if isinstance(vals, (list, tuple)) else [vals]
-            if any(not (v >= 0) for v in vals):
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not self.lbd_coef > 0:
-            raise ValueError(f"lbd_coef must be positive, got {self.lbd_coef}")
-        if int(self.alternations) < 1:
-            raise ValueError(f"alternations must be ≥ 1, got {self.alternations}")
-        _ = self.penalty  # validates activation / lifting
+            need(all(isinstance(v, (int, float)) and v >= 0 and v < float("inf") for v in vals), name,
+                 "must be finite and non-negative")
+            # Beyond 1e6 the λ-weighted penalties swamp the data loss in float32 arithmetic.
+            if upper is not None:
+                need(all(v <= upper for v in vals), name, f"must be at most {upper:g}")
+        need(self.lbd_coef > 0, "lbd_coef", "must be positive")
+        need(int(self.alternations) >= 1, "alternations", "must be ≥ 1")
+        for prefix in ("x", "w"):
+            need(getattr(self, f"{prefix}_tol") > 0, f"{prefix}_tol", "must be positive")
+            need(int(getattr(self, f"{prefix}_max_steps")) >= 1, f"{prefix}_max_steps", "must be ≥ 1")
+        _ = self.penalty  # validates activation / lifting / negative_slope
 
     @property
     def penalty(self):
         params = {"negative_slope": self.negative_slope} if self.activation == "leaky_relu" else {}
         return get_penalty(self.activation, self.lifting, **params)
+
+    @property
+    def x_solver(self) -> SolverConfig:
+        return SolverConfig(tol=self.x_tol, max_steps=int(self.x_max_steps))
+
+    @property
+    def w_solver(self) -> SolverConfig:
+        return SolverConfig(tol=self.w_tol, max_steps=int(self.w_max_steps))
 
 
 class SweepInfo(NamedTuple):
@@ -105,56 +126,82 @@ def _worst(infos):
     return res, steps, bad
 
 
-class LiftedTrainer:
-    """Jitted BCD for an MLP (dense layers; `linear_map` generalises the layer).
+class LiftedTrainer(Trainer):
+    """Jitted BCD for a network given as a sequence of layer specs (`fenchel.layers`).
 
     Parameters are a list of {"kernel", "bias"} dicts (flax.linen.Dense layout).
-    Every public method is jitted once per input shape.
+    Every public method is jitted once per input shape. As a `Trainer`, its
+    state is the parameter list and `step` is one minibatch update.
     """
 
-    def __init__(self, config: LiftedConfig, n_layers: int, linear_map: Callable = dense):
-        if n_layers < 2:
-            raise ValueError("lifted training needs at least one hidden layer (n_layers ≥ 2)")
+    def __init__(self, config: LiftedConfig, layers: Sequence):
+        layers = tuple(layers)
+        if len(layers) < 2:
+            raise ValueError("lifted training needs at least one hidden layer (two or more layers)")
         self.config = config
-        self.n_layers = n_layers
-        self.linear_map = linear_map
+        self.layers = layers
+        self.n_layers = len(layers)
         self.penalty = config.penalty
-        self.lambdas = broadcast_per_layer(config.lambdas, n_layers - 1, "lambdas")
-        self.rhos = broadcast_per_layer(config.rho, n_layers, "rho")
-        self.rho_proxes = broadcast_per_layer(config.rho_prox, n_layers, "rho_prox")
-        self.forward = jax.jit(lambda p, x0: forward(p, x0, self.penalty, linear_map)[0])
-        self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, linear_map)[1])
+        self.lambdas = broadcast_per_layer(config.lambdas, self.n_layers - 1, "lambdas")
+        self.rhos = broadcast_per_layer(config.rho, self.n_layers, "rho")
+        self.rho_proxes = broadcast_per_layer(config.rho_prox, self.n_layers, "rho_prox")
+        self.forward = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[0])
+        self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[1])
         self.objective_terms = jax.jit(self._objective_terms)
         self.x_step = jax.jit(self._x_step)
         self.w_step = jax.jit(self._w_step)
         self.sweep = jax.jit(self._sweep)
         self.minibatch_update = jax.jit(self._minibatch_update)
         self.minibatch_objective = jax.jit(self._minibatch_objective)
+        self.x_block = jax.jit(self._x_block, static_argnums=0)
         self.w_block = jax.jit(self._w_block, static_argnums=0)
+
+    # ------------------------------------------------------------ Trainer interface
+    def init(self, params):
+        return [dict(p) for p in params]
+
+    def step(self, state, x, y):
+        params, info = self.minibatch_update(state, x, y)
+        return params, StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
+
+    def params(self, state):
+        return state
+
+    def metrics(self, state, x, y) -> dict:
+        """The lifted objective after one X step at fixed W, its terms, and the network loss, on (x, y)."""
+        terms = self.minibatch_objective(state, x, y)
+        return {"lifted_objective": float(terms["total"]), "penalties": [float(p) for p in terms["penalties"]],
+                "network_loss_same_batch": float(terms["network_loss"]),
+                "regulariser": float(terms["regulariser"])}
 
     # ------------------------------------------------------------ objective
     def _objective_terms(self, params, xs, x0, y):
         c = self.config
-        return objective_terms(params, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.linear_map)
+        return objective_terms(params, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.layers)
 
     # ------------------------------------------------------------ X blocks
     def _x_block(self, l, params, xs, x0, y):
         """Update hidden activation X_l (1 ≤ l ≤ L) given its neighbours."""
         c = self.config
         inputs = [x0, *xs]
-        u_prev = preactivation(params[l - 1], inputs[l - 1], self.linear_map)
+        u_prev = preactivation(self.layers[l - 1], params[l - 1], inputs[l - 1])
         if l == self.n_layers - 1:
             return blocks.solve_x_last(
-                self.penalty, xs[l - 1], u_prev, params[l], y, self.lambdas[l - 1], c.loss,
-                c.x_solver, c.x_mode, loss_weight=c.lbd_coef, linear_map=self.linear_map,
+                self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], y, self.lambdas[l - 1], c.loss,
+                c.x_solver, c.x_mode, loss_weight=c.lbd_coef,
             )
         return blocks.solve_x_hidden(
-            self.penalty, xs[l - 1], u_prev, params[l], xs[l], self.lambdas[l - 1],
-            c.lbd_coef * self.lambdas[l], c.x_solver, c.x_mode, self.linear_map,
+            self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], xs[l], self.lambdas[l - 1],
+            c.lbd_coef * self.lambdas[l], c.x_solver, c.x_mode,
         )
 
     def _x_step(self, params, xs, x0, y):
-        """One pass over the X blocks in the configured schedule."""
+        """One pass over the X blocks in the configured schedule.
+
+        sequential: X_L, …, X_1, each block reading the blocks already updated
+        (Gauss–Seidel). parallel: all odd layers from the current X, then all
+        even layers from the X with the odd layers updated.
+        """
         xs = list(xs)
         n_hidden = self.n_layers - 1
         infos = []
@@ -172,67 +219,76 @@ class LiftedTrainer:
         return xs, infos
 
     # ------------------------------------------------------------ W blocks
-    def _w_block(self, l, params, xs, x0, y, anchors=None):
+    def _w_block(self, l, params, xs, x0, y, anchors=None, anchor_is_start=False):
         """Update layer l's (W, b) given X; layers are independent of each other."""
         c = self.config
         inputs = [x0, *xs]
         anchor = None if anchors is None else anchors[l]
         if l == self.n_layers - 1:
             return blocks.solve_w_out(
-                params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor, self.rho_proxes[l], self.linear_map,
-                c.w_mode,
+                self.layers[l], params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor,
+                self.rho_proxes[l], c.w_mode, anchor_is_start,
             )
         return blocks.solve_w_hidden(
-            self.penalty, params[l], inputs[l], xs[l], self.lambdas[l], self.rhos[l], c.w_solver,
-            anchor, self.rho_proxes[l], self.linear_map, c.w_mode,
+            self.penalty, self.layers[l], params[l], inputs[l], xs[l], self.lambdas[l], self.rhos[l], c.w_solver,
+            anchor, self.rho_proxes[l], c.w_mode, anchor_is_start,
         )
 
-    def _w_step(self, params, xs, x0, y, anchors=None):
+    def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False):
         """All W blocks at once (they are independent given X)."""
-        out = [self._w_block(l, params, xs, x0, y, anchors) for l in range(self.n_layers)]
+        out = [self._w_block(l, params, xs, x0, y, anchors, anchor_is_start) for l in range(self.n_layers)]
         return [p for p, _ in out], [i for _, i in out]
 
-    def _round(self, params, xs, x0, y, anchors=None):
+    def _round(self, params, xs, x0, y, anchors=None, anchor_is_start=False):
         xs, x_infos = self._x_step(params, xs, x0, y)
-        params, w_infos = self._w_step(params, xs, x0, y, anchors)
+        params, w_infos = self._w_step(params, xs, x0, y, anchors, anchor_is_start)
         xr, xsteps, xbad = _worst(x_infos)
         wr, wsteps, wbad = _worst(w_infos)
         return params, xs, SweepInfo(xr, xsteps, wr, wsteps, xbad | wbad)
 
     def _sweep(self, params, xs, x0, y):
-        """One full-batch BCD sweep: X blocks in schedule order, then all W blocks."""
+        """One full-batch BCD sweep: X blocks in schedule order, then all W blocks.
+
+        Every block solve returns a point no worse than its start, so a sweep
+        never increases F (for κ = lbd_coef = 1; with κ ≠ 1 the X steps
+        minimise a reweighted objective and monotonicity of F is not assured).
+        """
         return self._round(params, xs, x0, y)
 
     def _minibatch_update(self, params, x0, y):
-        """Minibatch BCD: X from a forward pass, anchors = current weights, k rounds.
+        """Minibatch BCD: X from a forward pass, anchors = current weights, `alternations` rounds.
 
         Returns (params, SweepInfo of the last round). The objective is not
         evaluated here (it would cost a forward pass per step): use
         `objective_terms` / `minibatch_objective` at logging time.
         """
         anchors = params
-        xs = forward(params, x0, self.penalty, self.linear_map)[0]
+        xs = forward(params, x0, self.penalty, self.layers)[0]
         info = None
-        for _ in range(self.config.alternations):
-            params, xs, info = self._round(params, xs, x0, y, anchors)
+        for k in range(self.config.alternations):
+            params, xs, info = self._round(params, xs, x0, y, anchors, anchor_is_start=(k == 0))
         return params, info
 
     def _minibatch_objective(self, params, x0, y):
-        """Terms of F after one minibatch update's X step from the forward pass, at fixed W.
+        """Terms of F after one X step from the forward pass at fixed W, and the network loss.
 
-        This is the lifted objective the minibatch algorithm sees (a lower
-        bound of the network loss + regulariser on this batch); also returns
-        the network loss on the batch.
+        For the Fenchel penalties (zero on the graph of φ) the forward pass
+        gives F = network loss + regulariser and the X step can only lower F,
+        so F is a lower bound of it on this batch; for LNN's squared penalty it
+        is not a bound (F can exceed the network loss).
         """
-        xs, logits = forward(params, x0, self.penalty, self.linear_map)
+        xs, logits = forward(params, x0, self.penalty, self.layers)
         xs, _ = self._x_step(params, xs, x0, y)
         terms = self._objective_terms(params, xs, x0, y)
         terms["network_loss"] = jnp.mean(loss_per_sample(self.config.loss, y, logits))
         return terms
 
-    # ------------------------------------------------------------ drivers
+    # ------------------------------------------------------------ full batch
     def fit_full_batch(self, params, x0, y, sweeps: int, callback: Optional[Callable] = None):
-        """Full-batch BCD for `sweeps` sweeps; returns (params, xs, objective history)."""
+        """Full-batch BCD for `sweeps` sweeps; returns (params, xs, objective history).
+
+        Monotone for κ = 1 (see `_sweep`). A non-finite objective stops it with FloatingPointError.
+        """
         xs = self.forward(params, x0)
         history = [float(self.objective_terms(params, xs, x0, y)["total"])]
         for k in range(sweeps):
@@ -243,19 +299,3 @@ class LiftedTrainer:
             if callback is not None:
                 callback(k, params, xs, info)
         return params, xs, history
-
-    def run_epoch(self, params, x_train, y_train, batch_size: int, key: jax.Array,
-                  callback: Optional[Callable] = None):
-        """One epoch of minibatch BCD over seeded-shuffled data (the last partial batch is dropped).
-
-        Returns (params, SweepInfo of the last minibatch, seconds).
-        """
-        batches = epoch_batches(key, x_train.shape[0], batch_size)
-        start = time.perf_counter()
-        metrics = None
-        for i, idx in enumerate(batches):
-            params, metrics = self.minibatch_update(params, x_train[idx], y_train[idx])
-            if callback is not None:
-                callback(i, len(batches), params, metrics)
-        jax.block_until_ready(params)
-        return params, metrics, time.perf_counter() - start

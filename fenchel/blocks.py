@@ -1,9 +1,9 @@
 """Convex block subproblems of lifted BCD, each solved by FISTA.
 
-Every block is generic over the layer's linear map A(X; W) (dense or, later,
-convolutional): gradients come from autodiff and Lipschitz constants from
-power iteration on AᵀA with adjoints from `jax.vjp`, so no transpose is
-written by hand. Per-sample state keeps the sample axis leading.
+Every block is generic over the layer spec (`fenchel.layers`) and its linear
+map A(X; W): gradients come from autodiff and Lipschitz constants from power
+iteration on AᵀA with adjoints from `jax.vjp`, so no transpose is written by
+hand. Per-sample state keeps the sample axis leading.
 
 Blocks (P = F(u) + G(v) − c·u·v is the penalty, see `penalties`):
   X hidden:  min_X  λ_{l−1} Σ P(U_{l−1}, X) + κ λ_l Σ P(A(X; W_l) + b_l, X_{l+1})
@@ -13,17 +13,23 @@ Blocks (P = F(u) + G(v) − c·u·v is the penalty, see `penalties`):
 κ = `lbd_coef` (1 gives exact BCD). X blocks separate over samples: they are
 written per sample (sums over features) and so are solved either batched
 (one FISTA over the matrix, per-row momentum and stopping) or vmapped.
+
+W blocks are solved in one of the forms of `W_SOLVERS` (one function each),
+chosen by the layer spec (`spec.w_form`): "primal" FISTA on (W, b), "kernel"
+FISTA in the representation W = a·W_0 + c·W_a + Xᵀβ (dense, N ≤ n_in), and
+"kernel_mm", FISTA in the metric of a quadratic majoriser.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from fenchel.lifted import dense, loss_curvature, loss_per_sample, preactivation
+from fenchel.lifted import loss_curvature, loss_per_sample, preactivation
 from fenchel.penalties import Penalty
 from fenchel.solvers import FISTA, Composite, SolveInfo, power_iteration
 
@@ -35,6 +41,8 @@ _MIN_LIPSCHITZ = 1e-8
 class SolverConfig:
     """Stopping rule of one block solve: residual ≤ tol, or max_steps iterations.
 
+    tol and max_steps have no defaults here: `LiftedConfig` owns them.
+
     The residual is the norm of the gradient mapping: max-abs per sample for X
     blocks (each sample stops on its own), Frobenius for W blocks in the
     primal and kernel forms, ‖∇f‖_{P⁻¹} in the kernel_mm form. Lipschitz
@@ -42,8 +50,8 @@ class SolverConfig:
     `lipschitz_margin` (power iteration approaches λ_max from below).
     """
 
-    tol: float = 1e-5
-    max_steps: int = 100
+    tol: float
+    max_steps: int
     power_iters: int = 20
     lipschitz_margin: float = 1.05
 
@@ -63,60 +71,83 @@ def _row_sum(a: jax.Array) -> jax.Array:
 
 
 def _sq_norm(tree) -> jax.Array:
-    return sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(tree))
+    return optax.tree_utils.tree_l2_norm(tree, squared=True)
+
+
+def _random_start(shape, dtype) -> jax.Array:
+    """A fixed Gaussian start for power iteration: almost surely not orthogonal to the top eigenvector
+    (an all-ones start is an exact eigenvector of some structured operators, e.g. K + 11ᵀ for a centred batch)."""
+    return jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
 
 
 EXACT_GRAM_MAX = 128  # dense layers with a side this small get an exact eigvalsh
 
 
-def input_operator_norm_sq(kernel, sample_shape, linear_map: Callable, iters: int) -> jax.Array:
+def input_operator_norm_sq(spec, kernel, sample_shape, iters: int) -> jax.Array:
     """‖A(·; W)‖₂² for one sample: λ_max(AᵀA) by power iteration, Aᵀ from vjp.
 
     A dense layer with a side ≤ EXACT_GRAM_MAX gets λ_max of its small Gram
     matrix exactly instead.
     """
-    if linear_map is dense and kernel.ndim == 2 and min(kernel.shape) <= EXACT_GRAM_MAX:
+    if spec.kind == "dense" and min(kernel.shape) <= EXACT_GRAM_MAX:
         small = kernel.T @ kernel if kernel.shape[1] <= kernel.shape[0] else kernel @ kernel.T
         return jnp.linalg.eigvalsh(small)[-1]
-    x = jnp.ones((1, *sample_shape), kernel.dtype)
 
     def matvec(v):
-        out, vjp = jax.vjp(lambda z: linear_map(z, kernel), v)
+        out, vjp = jax.vjp(lambda z: spec.linear_map(z, kernel), v)
         return vjp(out)[0]
 
-    return power_iteration(matvec, x, iters)
+    return power_iteration(matvec, _random_start((1, *sample_shape), kernel.dtype), iters)
 
 
-def weight_operator_norm_sq(x_in, kernel, linear_map: Callable, iters: int) -> jax.Array:
+def weight_operator_norm_sq(spec, x_in, kernel, iters: int) -> jax.Array:
     """‖(W, b) ↦ A(X; W) + b‖₂², i.e. λ_max([X 1]ᵀ[X 1]) for a dense layer.
 
     The operator acts on each output neuron alike, so one output column is
     enough; its adjoint comes from vjp.
     """
-    k1 = jnp.ones(kernel.shape[:-1] + (1,), kernel.dtype)
-    b1 = jnp.ones((1,), kernel.dtype)
+    k_shape = kernel.shape[:-1] + (1,)
+    k_size = 1
+    for d in k_shape:
+        k_size *= d
 
     def apply(p):
-        return linear_map(x_in, p[0]) + p[1]
-
-    def matvec(p):
-        out, vjp = jax.vjp(apply, p)
-        return vjp(out)[0]
+        return spec.linear_map(x_in, p[0]) + p[1]
 
     def flat_matvec(v):
-        k, b = v[:-1].reshape(k1.shape), v[-1:]
-        gk, gb = matvec((k, b))
+        p = (v[:-1].reshape(k_shape), v[-1:])
+        out, vjp = jax.vjp(apply, p)
+        gk, gb = vjp(out)[0]
         return jnp.concatenate([gk.ravel(), gb.ravel()])
 
-    v0 = jnp.concatenate([k1.ravel(), b1])
-    return power_iteration(flat_matvec, v0, iters)
+    return power_iteration(flat_matvec, _random_start((k_size + 1,), kernel.dtype), iters)
+
+
+# ---------------------------------------------------------------- X blocks
+def _x_problem(penalty: Penalty, lam_prev, downstream: Callable) -> Callable:
+    """Row data (U_prev, extra) ↦ the X block λ_prev Σ P(U_prev, X) + downstream(X, extra), per row.
+
+    λ_prev Σ P(U_prev, X) = λ_prev Σ [G(X) − c·U_prev·X] + const: the G part is the
+    prox-friendly term, the coupling joins the smooth part.
+    """
+    c = penalty.coupling
+
+    def problem(rows):
+        u_p, extra = rows
+        return Composite(
+            smooth=lambda z: downstream(z, extra) - c * lam_prev * _row_sum(u_p * z),
+            prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
+            nonsmooth=lambda z: lam_prev * _row_sum(penalty.G(z)),
+        )
+
+    return problem
 
 
 def _solve_rows(problem_fn, x_init, lipschitz, cfg: SolverConfig, mode: str):
     """Solve a row-separable problem batched or vmapped over rows.
 
     problem_fn(row_data) builds a Composite whose functions take (rows, ...)
-    arrays; row_data is a tuple of per-row arrays (first: the start point).
+    arrays; x_init = (start point, *row_data), all with rows leading.
     """
     if mode == "batched":
         solver = FISTA(cfg.tol, cfg.max_steps, row_separable=True)
@@ -125,14 +156,10 @@ def _solve_rows(problem_fn, x_init, lipschitz, cfg: SolverConfig, mode: str):
         solver = FISTA(cfg.tol, cfg.max_steps, row_separable=False)
 
         def one(*row):
-            row = tuple(r[None] for r in row)
+            row = tuple(r[None] for r in row)  # a batch of one row
             prob = problem_fn(row[1:])
-            single = Composite(
-                smooth=lambda x: prob.smooth(x)[0],
-                prox=prob.prox,
-                nonsmooth=lambda x: prob.nonsmooth(x)[0],
-            )
-            x, info = solver.run(single, row[0], lipschitz)
+            scalar = prob._replace(smooth=lambda x: prob.smooth(x)[0], nonsmooth=lambda x: prob.nonsmooth(x)[0])
+            x, info = solver.run(scalar, row[0], lipschitz)
             return x[0], info
 
         x, info = jax.vmap(one)(*x_init)
@@ -144,39 +171,30 @@ def solve_x_hidden(
     penalty: Penalty,
     x: jax.Array,
     u_prev: jax.Array,
+    next_spec,
     next_layer: dict,
     x_next: jax.Array,
     lam_prev: float,
     lam_next: float,
     cfg: SolverConfig,
     mode: str = "batched",
-    linear_map: Callable = dense,
 ) -> tuple[jax.Array, SolveInfo]:
     """argmin_X λ_prev Σ P(U_prev, X) + λ_next Σ P(A(X; W) + b, X_next) (λ_next includes κ)."""
-    c = penalty.coupling
 
-    def problem(rows):
-        u_p, x_n = rows
+    def downstream(z, x_n):
+        return lam_next * _row_sum(penalty.smooth_u(preactivation(next_spec, next_layer, z), x_n))
 
-        def smooth(z):
-            u = preactivation(next_layer, z, linear_map)
-            return -c * lam_prev * _row_sum(u_p * z) + lam_next * _row_sum(penalty.smooth_u(u, x_n))
-
-        return Composite(
-            smooth=smooth,
-            prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
-            nonsmooth=lambda z: lam_prev * _row_sum(penalty.G(z)),
-        )
-
-    op = input_operator_norm_sq(next_layer["kernel"], x.shape[1:], linear_map, cfg.power_iters)
+    op = input_operator_norm_sq(next_spec, next_layer["kernel"], x.shape[1:], cfg.power_iters)
     lip = jnp.maximum(cfg.lipschitz_margin * lam_next * penalty.curvature_u * op, _MIN_LIPSCHITZ)
-    return _solve_rows(problem, (penalty.project(x), u_prev, x_next), lip, cfg, mode)
+    return _solve_rows(_x_problem(penalty, lam_prev, downstream), (penalty.project(x), u_prev, x_next), lip, cfg,
+                       mode)
 
 
 def solve_x_last(
     penalty: Penalty,
     x: jax.Array,
     u_prev: jax.Array,
+    out_spec,
     out_layer: dict,
     y: jax.Array,
     lam_prev: float,
@@ -184,182 +202,195 @@ def solve_x_last(
     cfg: SolverConfig,
     mode: str = "batched",
     loss_weight: float = 1.0,
-    linear_map: Callable = dense,
 ) -> tuple[jax.Array, SolveInfo]:
     """argmin_X κ Σ loss(Y, A(X; W_L) + b_L) + λ_prev Σ P(U_prev, X)."""
-    c = penalty.coupling
 
-    def problem(rows):
-        u_p, yy = rows
+    def downstream(z, yy):
+        return loss_weight * loss_per_sample(loss, yy, preactivation(out_spec, out_layer, z))
 
-        def smooth(z):
-            logits = preactivation(out_layer, z, linear_map)
-            return loss_weight * loss_per_sample(loss, yy, logits) - c * lam_prev * _row_sum(u_p * z)
-
-        return Composite(
-            smooth=smooth,
-            prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
-            nonsmooth=lambda z: lam_prev * _row_sum(penalty.G(z)),
-        )
-
-    op = input_operator_norm_sq(out_layer["kernel"], x.shape[1:], linear_map, cfg.power_iters)
+    op = input_operator_norm_sq(out_spec, out_layer["kernel"], x.shape[1:], cfg.power_iters)
     lip = jnp.maximum(cfg.lipschitz_margin * loss_weight * loss_curvature(loss) * op, _MIN_LIPSCHITZ)
-    return _solve_rows(problem, (penalty.project(x), u_prev, y), lip, cfg, mode)
+    return _solve_rows(_x_problem(penalty, lam_prev, downstream), (penalty.project(x), u_prev, y), lip, cfg, mode)
 
 
-W_MODES = ("auto", "primal", "kernel", "kernel_mm")
+# ---------------------------------------------------------------- W blocks
+class WBlock(NamedTuple):
+    """min_{W,b} fit(A(X; W) + b) + ρ‖W‖² + ρ'‖(W, b) − anchor‖².
 
+    fit: U ↦ scalar, convex with ∇² ⪯ fit_curvature·I in U. anchor None: no
+    proximal term. anchor_is_start: the anchor equals the start point (the
+    first round of a minibatch), which saves products in the kernel forms.
+    """
 
-def _proximal_term(layer, anchor, rho_prox):
-    if anchor is None:
-        return 0.0
-    return rho_prox * _sq_norm(jax.tree_util.tree_map(jnp.subtract, layer, anchor))
+    spec: Any
+    fit: Callable
+    fit_curvature: Any
+    layer: dict
+    x_in: jax.Array
+    rho: Any
+    anchor: Optional[dict]
+    rho_prox: Any
+    anchor_is_start: bool = False
+
+    @property
+    def mu(self):
+        """Curvature of the regulariser + proximal term: 2(ρ + ρ')."""
+        return 2.0 * (self.rho + (self.rho_prox if self.anchor is not None else 0.0))
+
+    def objective(self, p):
+        val = self.fit(preactivation(self.spec, p, self.x_in)) + self.rho * _sq_norm(p["kernel"])
+        if self.anchor is not None:
+            val = val + self.rho_prox * _sq_norm(jax.tree_util.tree_map(jnp.subtract, p, self.anchor))
+        return val
 
 
 def _frobenius(tree) -> jax.Array:
     return jnp.sqrt(_sq_norm(tree))
 
 
-def _resolve_w_mode(w_mode: str, x_in, linear_map, mu) -> str:
-    """"auto": kernel_mm for a dense layer with N ≤ n_in and μ > 0, kernel if μ = 0, else primal."""
-    if w_mode not in W_MODES:
-        raise ValueError(f"unknown w_mode {w_mode!r}; known: {', '.join(W_MODES)}")
-    fits = linear_map is dense and x_in.ndim == 2
-    if w_mode in ("kernel", "kernel_mm") and not fits:
-        raise ValueError(f"w_mode={w_mode!r} needs a dense layer with 2-D input")
-    if w_mode == "kernel_mm" and not mu > 0:
-        raise ValueError("w_mode='kernel_mm' needs ρ + ρ' > 0 (a strongly convex W block)")
-    if w_mode != "auto":
-        return w_mode
-    if not fits or x_in.shape[0] > x_in.shape[1]:
-        return "primal"
-    return "kernel_mm" if mu > 0 else "kernel"
+def solve_w_primal(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo]:
+    """FISTA on (W, b) with L = margin·c_f·‖[X 1]‖² + μ; the residual is the Frobenius gradient-mapping norm."""
+    op = weight_operator_norm_sq(block.spec, block.x_in, block.layer["kernel"], cfg.power_iters)
+    lip = jnp.maximum(cfg.lipschitz_margin * block.fit_curvature * op + block.mu, _MIN_LIPSCHITZ)
+    problem = Composite(smooth=block.objective, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, norm=_frobenius)
+    return FISTA(cfg.tol, cfg.max_steps).run(problem, block.layer, lip)
 
 
-def _solve_w(fit, fit_curvature, layer, x_in, rho, cfg, anchor, rho_prox, linear_map, w_mode):
-    """argmin_{W,b} fit(A(X; W) + b) + ρ‖W‖² + ρ'‖(W, b) − anchor‖² by FISTA.
+class _KernelRep:
+    """W = a·W_0 + c·W_a + Xᵀβ for a dense layer with N ≤ n_in (W_0 the start, W_a the anchor).
 
-    fit: U ↦ scalar, convex with ∇² ⪯ fit_curvature·I in U. The residual is the
-    Frobenius norm of the gradient mapping. Primal form: iterate on (W, b).
-    Kernel form (dense, N ≤ n_in): the gradient Xᵀg + 2ρW + 2ρ'(W − W_a) keeps
-    every iterate in span{W_0, W_a} ⊕ rowspace(X), so W = a·W_0 + c·W_a + Xᵀβ
-    and each iteration costs N×N products instead of N×n_in ones; the
-    iterates are the primal ones, exactly.
-    Kernel MM form (Newton-type): FISTA in the metric of the majoriser
-    P = c_f ZᵀZ + μI ⪰ ∇²(objective), Z = [X 1], i.e. steps z = y − P⁻¹∇f(y),
-    with P⁻¹ = (I − Zᵀ(μ/c_f·I + ZZᵀ)⁻¹Z)/μ from one N×N Cholesky factor.
-    It is exact on the quadratic part and monotone like any MM step; its
-    residual is ‖∇f(y)‖_{P⁻¹}.
+    The gradient Xᵀg + 2ρW + 2ρ'(W − W_a) keeps every FISTA iterate in this
+    set, so each iteration costs N×N products instead of N×n_in ones. The
+    representation also carries kβ = Kβ (K = XXᵀ): every FISTA operation is
+    linear, so the invariant holds and one K product per iteration suffices.
     """
-    has_anchor = anchor is not None
-    rp = rho_prox if has_anchor else 0.0
-    mu = 2.0 * (rho + rp)  # curvature of the regulariser + proximal term
-    mode = _resolve_w_mode(w_mode, x_in, linear_map, mu)
-    if mode == "primal":
-        def smooth(p):
-            u = preactivation(p, x_in, linear_map)
-            return fit(u) + rho * jnp.sum(p["kernel"] ** 2) + _proximal_term(p, anchor, rho_prox)
 
-        op = weight_operator_norm_sq(x_in, layer["kernel"], linear_map, cfg.power_iters)
-        lip = jnp.maximum(cfg.lipschitz_margin * fit_curvature * op + mu, _MIN_LIPSCHITZ)
-        problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, norm=_frobenius)
-        return FISTA(cfg.tol, cfg.max_steps).run(problem, layer, lip)
+    def __init__(self, block: WBlock):
+        x = block.x_in.reshape(block.x_in.shape[0], -1)
+        self.x = x
+        self.w0, self.b0 = block.layer["kernel"], block.layer["bias"]
+        has_anchor = block.anchor is not None
+        self.wa = block.anchor["kernel"] if has_anchor else jnp.zeros_like(self.w0)
+        self.ba = block.anchor["bias"] if has_anchor else jnp.zeros_like(self.b0)
+        self.gram = x @ x.T
+        self.x_w0 = x @ self.w0
+        if block.anchor_is_start:  # W_a = W_0: skip one N×n_in product and two inner products
+            self.x_wa = self.x_w0
+            self.g00 = self.g0a = self.gaa = jnp.sum(self.w0 * self.w0)
+        else:
+            self.x_wa = x @ self.wa
+            self.g00, self.g0a, self.gaa = (jnp.sum(self.w0 * self.w0), jnp.sum(self.w0 * self.wa),
+                                            jnp.sum(self.wa * self.wa))
 
-    w0, b0 = layer["kernel"], layer["bias"]
-    wa = anchor["kernel"] if has_anchor else jnp.zeros_like(w0)
-    ba = anchor["bias"] if has_anchor else jnp.zeros_like(b0)
-    gram = x_in @ x_in.T  # K = X Xᵀ
-    x_w0 = x_in @ w0
-    same = has_anchor and anchor["kernel"] is layer["kernel"]  # the first round of a minibatch
-    x_wa = x_w0 if same else x_in @ wa
-    g00 = jnp.sum(w0 * w0)
-    g0a, gaa = (g00, g00) if same else (jnp.sum(w0 * wa), jnp.sum(wa * wa))
+    def start(self):
+        beta0 = jnp.zeros((self.x.shape[0], self.w0.shape[-1]), self.w0.dtype)
+        return {"a": jnp.ones((), self.w0.dtype), "c": jnp.zeros((), self.w0.dtype), "beta": beta0, "kbeta": beta0,
+                "b": self.b0}
 
-    # The representation also carries kbeta = Kβ: every FISTA operation is
-    # linear, so the invariant holds and each iteration needs one K product.
-    def w_inner(p, q):
-        """⟨W_p, W_q⟩ for W = a·W_0 + c·W_a + Xᵀβ."""
-        return (p["a"] * q["a"] * g00 + (p["a"] * q["c"] + p["c"] * q["a"]) * g0a + p["c"] * q["c"] * gaa
-                + jnp.sum(x_w0 * (p["a"] * q["beta"] + q["a"] * p["beta"]))
-                + jnp.sum(x_wa * (p["c"] * q["beta"] + q["c"] * p["beta"]))
+    def w_inner(self, p, q):
+        """⟨W_p, W_q⟩."""
+        return (p["a"] * q["a"] * self.g00 + (p["a"] * q["c"] + p["c"] * q["a"]) * self.g0a
+                + p["c"] * q["c"] * self.gaa
+                + jnp.sum(self.x_w0 * (p["a"] * q["beta"] + q["a"] * p["beta"]))
+                + jnp.sum(self.x_wa * (p["c"] * q["beta"] + q["c"] * p["beta"]))
                 + jnp.sum(p["beta"] * q["kbeta"]))
 
-    def inner(p, q):
-        return w_inner(p, q) + jnp.sum(p["b"] * q["b"])
+    def inner(self, p, q):
+        """⟨(W_p, b_p), (W_q, b_q)⟩."""
+        return self.w_inner(p, q) + jnp.sum(p["b"] * q["b"])
 
-    def preact(p):
-        return p["a"] * x_w0 + p["c"] * x_wa + p["kbeta"] + p["b"]
+    def preactivation(self, p):
+        """U = XW + 1bᵀ."""
+        return p["a"] * self.x_w0 + p["c"] * self.x_wa + p["kbeta"] + p["b"]
 
-    def diff_anchor(p):  # (W, b) − anchor in the representation
-        return {**p, "c": p["c"] - 1.0, "b": p["b"] - ba}
-
-    def smooth(p):
-        val = fit(preact(p)) + rho * w_inner(p, p)
-        if has_anchor:
-            d = diff_anchor(p)
-            val = val + rho_prox * inner(d, d)
+    def objective(self, block: WBlock, p):
+        val = block.fit(self.preactivation(p)) + block.rho * self.w_inner(p, p)
+        if block.anchor is not None:
+            d = {**p, "c": p["c"] - 1.0, "b": p["b"] - self.ba}  # (W, b) − anchor
+            val = val + block.rho_prox * self.inner(d, d)
         return val
 
+    def params(self, p) -> dict:
+        return {"kernel": p["a"] * self.w0 + p["c"] * self.wa + self.x.T @ p["beta"], "bias": p["b"]}
+
+
+def _check_dense(block: WBlock, form: str):
+    if block.spec.kind != "dense":
+        raise ValueError(f"w_mode={form!r} needs a dense layer, got {block.spec.kind!r}")
+
+
+def solve_w_kernel(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo]:
+    """FISTA in the kernel representation; the same iterates as `solve_w_primal` (with exact L)."""
+    _check_dense(block, "kernel")
+    rep = _KernelRep(block)
+    mu, rp = block.mu, block.rho_prox if block.anchor is not None else 0.0
+
     def grad(p):
-        g = jax.grad(fit)(preact(p))
-        return {
-            "a": mu * p["a"],
-            "c": mu * p["c"] - 2.0 * rp,
-            "beta": g + mu * p["beta"],
-            "kbeta": gram @ g + mu * p["kbeta"],
-            "b": jnp.sum(g, axis=0) + 2.0 * rp * (p["b"] - ba),
-        }
+        g = jax.grad(block.fit)(rep.preactivation(p))
+        return {"a": mu * p["a"], "c": mu * p["c"] - 2.0 * rp, "beta": g + mu * p["beta"],
+                "kbeta": rep.gram @ g + mu * p["kbeta"], "b": jnp.sum(g, axis=0) + 2.0 * rp * (p["b"] - rep.ba)}
 
-    dtype = w0.dtype
-    beta0 = jnp.zeros((x_in.shape[0], w0.shape[-1]), dtype)
-    rep0 = {"a": jnp.ones((), dtype), "c": jnp.zeros((), dtype), "beta": beta0, "kbeta": beta0, "b": b0}
-    ones = jnp.ones((x_in.shape[0], 1), x_in.dtype)
-    if mode == "kernel":
-        op = power_iteration(lambda v: gram @ v + ones @ (ones.T @ v), ones, cfg.power_iters)
-        lip = jnp.maximum(cfg.lipschitz_margin * fit_curvature * op + mu, _MIN_LIPSCHITZ)
-        problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, grad=grad,
-                            inner=inner, norm=lambda p: jnp.sqrt(jnp.maximum(inner(p, p), 0.0)))
-        rep, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep0, lip)
-    else:
-        # With S = ZZᵀ + sI, s = μ/c_f: P⁻¹∇ = (∇ − Zᵀq)/μ, q = S⁻¹Z∇. Writing
-        # Z∇ = (ZZᵀ)g + r' and using ZZᵀS⁻¹ = I − sS⁻¹ leaves one product per
-        # step: d = g − q = S⁻¹(s·g − r'), and K·d = s·g − r' − s·d − 1(1ᵀd).
-        shift = mu / fit_curvature
-        eye = jnp.eye(x_in.shape[0], dtype=dtype)
-        s_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram + 1.0 + shift * eye), eye)
+    # λ_max([X 1][X 1]ᵀ) = λ_max(K + 11ᵀ), exactly (the matrix is N×N)
+    op = jnp.linalg.eigvalsh(rep.gram + 1.0)[-1]
+    lip = jnp.maximum(cfg.lipschitz_margin * block.fit_curvature * op + mu, _MIN_LIPSCHITZ)
+    problem = Composite(smooth=lambda p: rep.objective(block, p), prox=lambda z, s: z, nonsmooth=lambda z: 0.0,
+                        grad=grad, inner=rep.inner, norm=lambda p: jnp.sqrt(jnp.maximum(rep.inner(p, p), 0.0)))
+    out, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep.start(), lip)
+    return rep.params(out), info
 
-        def z_apply(p):  # Z(W, b) = XW + 1bᵀ for a representation p
-            return p["a"] * x_w0 + p["c"] * x_wa + p["kbeta"] + p["b"]
 
-        def precond_grad(p):
-            g = jax.grad(fit)(preact(p))
-            a_g, c_g = mu * p["a"], mu * p["c"] - 2.0 * rp
-            b_prox = 2.0 * rp * (p["b"] - ba)
-            r_rest = a_g * x_w0 + c_g * x_wa + mu * p["kbeta"] + b_prox
-            rhs = shift * g - r_rest
-            d = s_inv @ rhs
-            d_sum = jnp.sum(d, axis=0)
-            k_d = rhs - shift * d - d_sum
-            return {
-                "a": a_g / mu,
-                "c": c_g / mu,
-                "beta": p["beta"] + d / mu,
-                "kbeta": p["kbeta"] + k_d / mu,
-                "b": (b_prox + d_sum) / mu,
-            }
+def solve_w_kernel_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo]:
+    """Newton-type FISTA in the metric of the majoriser P = c·ZᵀZ + μI ⪰ ∇²(objective), Z = [X 1].
 
-        def inner_p(p, q):  # ⟨p, q⟩_P = μ⟨p, q⟩ + c_f ⟨Zp, Zq⟩
-            return mu * inner(p, q) + fit_curvature * jnp.sum(z_apply(p) * z_apply(q))
+    Steps z = y − P⁻¹∇f(y), with P⁻¹ = (I − Zᵀ(μ/c·I + ZZᵀ)⁻¹Z)/μ from one N×N
+    Cholesky factor. Exact on the quadratic part. c = max(c_f, 1e-12·μ): any
+    c ≥ c_f gives a valid majoriser, so λ = 0 (c_f = 0, a pure quadratic)
+    is solved too. The residual is ‖∇f(y)‖_{P⁻¹}. Like every block, the
+    returned point never has a higher objective than the start (the FISTA
+    safeguard); the accelerated steps themselves are not monotone.
+    """
+    _check_dense(block, "kernel_mm")
+    rep = _KernelRep(block)
+    mu, rp = block.mu, block.rho_prox if block.anchor is not None else 0.0
+    curv = jnp.maximum(block.fit_curvature, 1e-12 * mu)
+    # With S = ZZᵀ + sI, s = μ/c: P⁻¹∇ = (∇ − Zᵀq)/μ, q = S⁻¹Z∇. Writing
+    # Z∇ = (ZZᵀ)g + r' and using ZZᵀS⁻¹ = I − sS⁻¹ leaves one product per
+    # step: d = g − q = S⁻¹(s·g − r'), and K·d = s·g − r' − s·d − 1(1ᵀd).
+    shift = mu / curv
+    eye = jnp.eye(rep.x.shape[0], dtype=rep.w0.dtype)
+    s_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(rep.gram + 1.0 + shift * eye), eye)
 
-        problem = Composite(smooth=smooth, prox=lambda z, s: z, nonsmooth=lambda z: 0.0, grad=precond_grad,
-                            inner=inner_p, norm=lambda p: jnp.sqrt(jnp.maximum(inner_p(p, p), 0.0)))
-        rep, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep0, 1.0)
-    kernel = rep["a"] * w0 + rep["c"] * wa + x_in.T @ rep["beta"]
-    return {"kernel": kernel, "bias": rep["b"]}, info
+    def precond_grad(p):
+        g = jax.grad(block.fit)(rep.preactivation(p))
+        a_g, c_g = mu * p["a"], mu * p["c"] - 2.0 * rp
+        b_prox = 2.0 * rp * (p["b"] - rep.ba)
+        rhs = shift * g - (a_g * rep.x_w0 + c_g * rep.x_wa + mu * p["kbeta"] + b_prox)
+        d = s_inv @ rhs
+        d_sum = jnp.sum(d, axis=0)
+        k_d = rhs - shift * d - d_sum
+        return {"a": a_g / mu, "c": c_g / mu, "beta": p["beta"] + d / mu, "kbeta": p["kbeta"] + k_d / mu,
+                "b": (b_prox + d_sum) / mu}
+
+    def inner_p(p, q):  # ⟨p, q⟩_P = μ⟨p, q⟩ + c ⟨Zp, Zq⟩
+        return mu * rep.inner(p, q) + curv * jnp.sum(rep.preactivation(p) * rep.preactivation(q))
+
+    problem = Composite(smooth=lambda p: rep.objective(block, p), prox=lambda z, s: z, nonsmooth=lambda z: 0.0,
+                        grad=precond_grad, inner=inner_p, norm=lambda p: jnp.sqrt(jnp.maximum(inner_p(p, p), 0.0)))
+    out, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep.start(), 1.0)
+    return rep.params(out), info
+
+
+W_SOLVERS = {"primal": solve_w_primal, "kernel": solve_w_kernel, "kernel_mm": solve_w_kernel_mm}
+
+
+def solve_w(block: WBlock, cfg: SolverConfig, w_mode: str = "auto") -> tuple[dict, SolveInfo]:
+    """Solve a W block in the form the layer spec picks for `w_mode`."""
+    return W_SOLVERS[block.spec.w_form(w_mode, block.x_in, block.mu)](block, cfg)
 
 
 def solve_w_hidden(
     penalty: Penalty,
+    spec,
     layer: dict,
     x_in: jax.Array,
     x_out: jax.Array,
@@ -368,8 +399,8 @@ def solve_w_hidden(
     cfg: SolverConfig,
     anchor: Optional[dict] = None,
     rho_prox: float = 0.0,
-    linear_map: Callable = dense,
     w_mode: str = "auto",
+    anchor_is_start: bool = False,
 ) -> tuple[dict, SolveInfo]:
     """argmin_{W,b} (λ/N) Σ P(A(X_in; W) + b, X_out) + ρ‖W‖² + ρ'‖(W, b) − anchor‖²."""
     n = x_in.shape[0]
@@ -377,11 +408,12 @@ def solve_w_hidden(
     def fit(u):
         return lam / n * jnp.sum(penalty.smooth_u(u, x_out))
 
-    return _solve_w(fit, lam / n * penalty.curvature_u, layer, x_in, rho, cfg, anchor, rho_prox,
-                    linear_map, w_mode)
+    block = WBlock(spec, fit, lam / n * penalty.curvature_u, layer, x_in, rho, anchor, rho_prox, anchor_is_start)
+    return solve_w(block, cfg, w_mode)
 
 
 def solve_w_out(
+    spec,
     layer: dict,
     x_in: jax.Array,
     y: jax.Array,
@@ -390,8 +422,8 @@ def solve_w_out(
     cfg: SolverConfig,
     anchor: Optional[dict] = None,
     rho_prox: float = 0.0,
-    linear_map: Callable = dense,
     w_mode: str = "auto",
+    anchor_is_start: bool = False,
 ) -> tuple[dict, SolveInfo]:
     """argmin_{W,b} (1/N) Σ loss(Y, A(X_L; W) + b) + ρ‖W‖² + ρ'‖(W, b) − anchor‖²."""
     n = x_in.shape[0]
@@ -399,5 +431,5 @@ def solve_w_out(
     def fit(u):
         return jnp.mean(loss_per_sample(loss, y, u))
 
-    return _solve_w(fit, loss_curvature(loss) / n, layer, x_in, rho, cfg, anchor, rho_prox,
-                    linear_map, w_mode)
+    block = WBlock(spec, fit, loss_curvature(loss) / n, layer, x_in, rho, anchor, rho_prox, anchor_is_start)
+    return solve_w(block, cfg, w_mode)

@@ -3,7 +3,8 @@
 Notation (row-major, sample axis leading): data X_0 ∈ R^{N×n_0}, targets
 Y ∈ R^{N×n_{L+1}}, hidden activations X_1..X_L, layers l = 0..L with
 parameters {"kernel": W_l, "bias": b_l} and pre-activation
-U_l = A(X_l; W_l) + b_l (A is the layer's linear map; dense: X W).
+U_l = A_l(X_l; W_l) + b_l (A_l is the layer spec's linear map, `fenchel.layers`;
+dense: X W).
 
 Scaling convention (used everywhere in this package): *mean over samples,
 sum over features*,
@@ -13,39 +14,49 @@ sum over features*,
 
 with loss the softmax cross-entropy −Σ_k Y_k log softmax(U)_k ("softmax") or
 ½‖Y − U‖² ("squared"). Biases are not regularised. At X from a forward pass
-every penalty is zero, so F equals network_loss + regulariser, and
-min_X F is a lower bound of the training objective.
+every penalty is zero, so F equals network_loss + regulariser. For the
+Fenchel–Young penalties (P ≥ 0, zero on the graph) min_X F is therefore a
+lower bound of the training objective at the same W; LNN's squared penalty
+gives no such bound.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from fenchel.layers import Dense
 from fenchel.penalties import Penalty
 
 Params = Sequence[dict]  # one {"kernel", "bias"} dict per layer
 LOSSES = ("softmax", "squared")
 
 
-def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The dense linear map A(X; W) = X W."""
-    return x @ kernel
+def layers_of(params: Params, layers: Optional[Sequence] = None) -> tuple:
+    """The layer specs of `params`: `layers` if given, else dense layers inferred from 2-D kernels."""
+    if layers is not None:
+        if len(layers) != len(params):
+            raise ValueError(f"{len(layers)} layer specs for {len(params)} parameter sets")
+        return tuple(layers)
+    if any(jnp.ndim(p["kernel"]) != 2 for p in params):
+        raise ValueError("layer specs are needed for parameters that are not dense (2-D kernels)")
+    return tuple(Dense(int(p["kernel"].shape[-1])) for p in params)
 
 
-def preactivation(layer: dict, x: jax.Array, linear_map: Callable = dense) -> jax.Array:
-    """U = A(X; W) + b."""
-    return linear_map(x, layer["kernel"]) + layer["bias"]
+def preactivation(spec, layer: dict, x: jax.Array) -> jax.Array:
+    """U = A(X; W) + b for the layer type `spec`."""
+    return spec.linear_map(x, layer["kernel"]) + layer["bias"]
 
 
 def loss_per_sample(kind: str, y: jax.Array, logits: jax.Array) -> jax.Array:
-    """Per-sample loss: softmax cross-entropy −Σ y log softmax(u), or ½‖y − u‖²."""
+    """Per-sample loss: softmax cross-entropy −Σ y log softmax(u), or ½‖y − u‖² (optax's losses)."""
     if kind == "softmax":
-        return -jnp.sum(y * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        return optax.softmax_cross_entropy(logits, y)
     if kind == "squared":
-        return 0.5 * jnp.sum((y - logits) ** 2, axis=-1)
+        return jnp.sum(optax.l2_loss(logits, y), axis=-1)
     raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
 
 
@@ -54,29 +65,21 @@ def loss_curvature(kind: str) -> float:
     return {"softmax": 0.5, "squared": 1.0}[kind]
 
 
-def init_mlp(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[dict]:
-    """LeCun-normal kernels and zero biases (flax.linen.Dense's defaults)."""
-    params = []
-    for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        w = jax.nn.initializers.lecun_normal()(k, (n_in, n_out), dtype)
-        params.append({"kernel": w, "bias": jnp.zeros((n_out,), dtype)})
-    return params
-
-
-def forward(params: Params, x0: jax.Array, penalty: Penalty, linear_map: Callable = dense):
-    """Feed-forward pass: returns ([X_1, .., X_L], logits U_L)."""
+def forward(params: Params, x0: jax.Array, penalty: Penalty, layers: Optional[Sequence] = None):
+    """Feed-forward pass X_{l+1} = φ(U_l): returns ([X_1, .., X_L], logits U_L)."""
+    layers = layers_of(params, layers)
     xs = []
     x = x0
-    for layer in params[:-1]:
-        x = penalty.forward(preactivation(layer, x, linear_map))
+    for spec, layer in zip(layers[:-1], params[:-1]):
+        x = penalty.forward(preactivation(spec, layer, x))
         xs.append(x)
-    return xs, preactivation(params[-1], x, linear_map)
+    return xs, preactivation(layers[-1], params[-1], x)
 
 
 def regulariser(params: Params, rho) -> jax.Array:
     """Σ_l ρ_l ‖W_l‖² (kernels only)."""
     rho = broadcast_per_layer(rho, len(params), "rho")
-    return sum(r * jnp.sum(layer["kernel"] ** 2) for r, layer in zip(rho, params))
+    return sum(r * optax.tree_utils.tree_l2_norm(layer["kernel"], squared=True) for r, layer in zip(rho, params))
 
 
 def broadcast_per_layer(value, n: int, name: str) -> tuple:
@@ -98,10 +101,11 @@ def objective_terms(
     lambdas,
     rho,
     loss: str = "softmax",
-    linear_map: Callable = dense,
+    layers: Optional[Sequence] = None,
 ) -> dict:
     """Breakdown of F(W, X): loss, each layer's λ-weighted penalty, regulariser, total."""
     n_layers = len(params)
+    layers = layers_of(params, layers)
     if len(xs) != n_layers - 1:
         raise ValueError(f"need {n_layers - 1} hidden activations, got {len(xs)}")
     lambdas = broadcast_per_layer(lambdas, n_layers - 1, "lambda")
@@ -109,27 +113,21 @@ def objective_terms(
     inputs = [x0, *xs]
     penalties = []
     for l in range(n_layers - 1):
-        u = preactivation(params[l], inputs[l], linear_map)
+        u = preactivation(layers[l], params[l], inputs[l])
         penalties.append(lambdas[l] * jnp.sum(penalty.value(u, xs[l])) / n)
-    logits = preactivation(params[-1], inputs[-1], linear_map)
+    logits = preactivation(layers[-1], params[-1], inputs[-1])
     data_loss = jnp.mean(loss_per_sample(loss, y, logits))
     reg = regulariser(params, rho)
     total = data_loss + sum(penalties) + reg
     return {"loss": data_loss, "penalties": penalties, "regulariser": reg, "total": total}
 
 
-def lifted_objective(params, xs, x0, y, penalty, lambdas, rho, loss="softmax", linear_map=dense):
+def lifted_objective(params, xs, x0, y, penalty, lambdas, rho, loss="softmax", layers=None):
     """F(W, X) as defined in the module docstring."""
-    return objective_terms(params, xs, x0, y, penalty, lambdas, rho, loss, linear_map)["total"]
+    return objective_terms(params, xs, x0, y, penalty, lambdas, rho, loss, layers)["total"]
 
 
-def network_loss(params, x0, y, penalty, loss="softmax", linear_map=dense) -> jax.Array:
+def network_loss(params, x0, y, penalty, loss="softmax", layers=None) -> jax.Array:
     """(1/N) Σ_i loss(Y_i, f(X_0,i)) of the plain feed-forward network."""
-    _, logits = forward(params, x0, penalty, linear_map)
+    _, logits = forward(params, x0, penalty, layers)
     return jnp.mean(loss_per_sample(loss, y, logits))
-
-
-def accuracy(params, x0, labels, penalty, linear_map=dense) -> jax.Array:
-    """Top-1 accuracy of the feed-forward network."""
-    _, logits = forward(params, x0, penalty, linear_map)
-    return jnp.mean(jnp.argmax(logits, -1) == labels)

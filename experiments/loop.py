@@ -1,0 +1,63 @@
+"""The one epoch loop and batch iterator, shared by every trainer, the launcher and the benchmarks.
+
+The random stream is owned here: the batches of epoch e of a run with seed s
+come from the key fold_in(fold_in(PRNGKey(s), stream), e), so a resumed run
+sees exactly the batches of an uninterrupted one, and independent uses
+(training: stream 0, warm-start fine-tuning: stream 1) never share batches.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+TRAIN_STREAM = 0
+FINETUNE_STREAM = 1
+
+
+def epoch_key(seed: int, epoch: int, stream: int = TRAIN_STREAM) -> jax.Array:
+    """The PRNG key of (seed, stream, epoch)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), epoch)
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int, stream: int = TRAIN_STREAM) -> list:
+    """Index arrays of one epoch's minibatches: a seeded permutation of range(n) cut into
+    n // batch_size batches (the last partial batch is dropped)."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+    perm = jax.random.permutation(epoch_key(seed, epoch, stream), n)
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
+
+
+class EpochResult(NamedTuple):
+    """seconds: wall time of the epoch's steps (synchronised); steps: how many; nonfinite: any step met a
+    non-finite value; loss: the last step's batch loss (NaN if the trainer reports none)."""
+
+    seconds: float
+    steps: int
+    nonfinite: bool
+    loss: float
+
+
+def run_epoch(trainer, state, x, y, *, seed: int, epoch: int, batch_size: int, stream: int = TRAIN_STREAM,
+              on_step: Optional[Callable] = None, clock: Callable[[], float] = time.perf_counter):
+    """One epoch of `trainer.step` over seeded-shuffled batches of (x, y one-hot).
+
+    on_step(i, n_steps, state) runs after step i (0-based), e.g. for progress
+    or recording the parameter path. Returns (state, EpochResult).
+    """
+    batches = epoch_batches(seed, epoch, x.shape[0], batch_size, stream)
+    start = clock()
+    bad = jnp.zeros((), bool)
+    info = None
+    for i, idx in enumerate(batches):
+        state, info = trainer.step(state, x[idx], y[idx])
+        bad = bad | info.nonfinite  # stays on the device: no synchronisation per step
+        if on_step is not None:
+            on_step(i, len(batches), state)
+    jax.block_until_ready(state)
+    seconds = clock() - start
+    return state, EpochResult(seconds, len(batches), bool(bad), float(info.loss))

@@ -1,0 +1,182 @@
+"""The trainer registry: every training method the launcher, sweeps, tables and plots know.
+
+A registered trainer is a `TrainerSpec`: its name (`--config.trainer=NAME`),
+its title in tables, the config fields it owns (with their one default), a
+`check` that validates those fields before any compute, a `build` that makes
+the `fenchel.Trainer` for a network, and optionally extra summary columns and
+a `finish` step run after training (the lifted trainers' warm start).
+
+Adding a trainer: a module with a `fenchel.Trainer` subclass, then
+
+    register(TrainerSpec(name="mine", title="Mine", fields={"mine_lr": 0.1},
+                         check=..., build=lambda config, layers, penalty: MyTrainer(...)))
+
+Config files pick up the new fields through `configs/default.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import ml_collections
+
+from fenchel import GradientTrainer, LiftedConfig, LiftedTrainer, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSpec:
+    """name, title, owned config fields (key → default), check(config), build(config, layers, penalty),
+    extra (title, summary key) table columns, finish(job, state) → summary entries."""
+
+    name: str
+    title: str
+    fields: Mapping[str, Any]
+    check: Callable[[ml_collections.ConfigDict], None]
+    build: Callable[..., Any]
+    extra_columns: tuple = ()
+    finish: Optional[Callable] = None
+
+    @property
+    def columns(self) -> tuple:
+        """(column title, summary key) pairs of this trainer in tables."""
+        return ((self.title, "test_accuracy"), *self.extra_columns)
+
+
+TRAINERS: dict[str, TrainerSpec] = {}
+
+
+def register(spec: TrainerSpec) -> TrainerSpec:
+    """Add `spec` to the registry; a field shared with another trainer must have the same default."""
+    for other in TRAINERS.values():
+        if other.name == spec.name:
+            continue
+        for key in set(other.fields) & set(spec.fields):
+            if other.fields[key] != spec.fields[key]:
+                raise ValueError(f"trainer {spec.name!r}: field {key!r} has default {spec.fields[key]!r}, but "
+                                 f"trainer {other.name!r} gives it {other.fields[key]!r}")
+    TRAINERS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    TRAINERS.pop(name, None)
+
+
+def all_fields() -> dict:
+    """Every registered trainer's config fields with their defaults."""
+    out = {}
+    for spec in TRAINERS.values():
+        out.update(spec.fields)
+    return out
+
+
+def owner_of(key: str) -> list[str]:
+    """Names of the trainers that own config field `key` (empty for base fields)."""
+    return [name for name, spec in TRAINERS.items() if key in spec.fields]
+
+
+# ---------------------------------------------------------------- lifted trainers (fenchel, lnn)
+_ENGINE = {f.name: f.default for f in dataclasses.fields(LiftedConfig)}
+_PER_LAYER = {"lambdas": "lambda_", "rho": "rho", "rho_prox": "rho_prox"}  # engine field → config key
+_SAME_NAME = ("lbd_coef", "alternations", "schedule", "x_mode", "w_mode", "x_tol", "x_max_steps", "w_tol",
+              "w_max_steps")
+
+LIFTED_FIELDS = {
+    **{key: _ENGINE[field] for field, key in _PER_LAYER.items()},
+    **{f"{key}_per_layer": () for key in _PER_LAYER.values()},
+    **{name: _ENGINE[name] for name in _SAME_NAME},
+    "objective_batch": 1000,  # training examples on which the lifted objective is logged
+    "warm_start_epochs": 1,  # lifted weights → flax model → this many epochs of an optax optimiser (0: off)
+    "warm_start_optimizer": "adam",
+    "warm_start_lr": 1e-4,
+}
+
+
+def lifted_config(c: ml_collections.ConfigDict) -> LiftedConfig:
+    """The engine's LiftedConfig for a launcher config; errors name the config key."""
+    used = {}
+    kwargs = {}
+    for field, key in _PER_LAYER.items():
+        per_layer = tuple(c[f"{key}_per_layer"])
+        used[field] = f"{key}_per_layer" if per_layer else key
+        kwargs[field] = per_layer if per_layer else c[key]
+    kwargs.update({name: c[name] for name in _SAME_NAME})
+    try:
+        return LiftedConfig(activation=c.activation, negative_slope=c.negative_slope,
+                            lifting="lnn" if c.trainer == "lnn" else "fenchel", loss=c.loss, **kwargs)
+    except ValueError as err:
+        msg = str(err)
+        field = msg.split("=", 1)[0]
+        if field in used:
+            msg = used[field] + msg[len(field):]
+        raise ValueError(f"bad config: {msg}") from None
+
+
+def _check_lifted(c):
+    lifted_config(c)
+    if c.trainer == "lnn" and c.activation != "relu":
+        raise ValueError("bad config: trainer='lnn' needs activation='relu'")
+    if c.objective_batch < 1:
+        raise ValueError(f"bad config: objective_batch={c.objective_batch} must be ≥ 1")
+    if c.warm_start_epochs < 0:
+        raise ValueError(f"bad config: warm_start_epochs={c.warm_start_epochs} must be ≥ 0")
+    if c.warm_start_optimizer not in GRADIENT_DEFAULT_LR:
+        raise ValueError(f"bad config: warm_start_optimizer={c.warm_start_optimizer!r}, expected one of "
+                         f"{tuple(GRADIENT_DEFAULT_LR)}")
+    _optimizer(c.warm_start_optimizer, c.warm_start_lr, c.momentum, "warm_start_lr")
+
+
+def _build_lifted(c, layers, penalty):
+    del penalty  # the lifted trainer builds its own (Fenchel or LNN) from the config
+    return LiftedTrainer(lifted_config(c), layers)
+
+
+def warm_start(job, state) -> dict:
+    """Lifted weights → the flax network → warm_start_epochs of an optax optimiser (its own batch stream)."""
+    c = job.config
+    if c.warm_start_epochs <= 0:
+        return {}
+    trainer = GradientTrainer(job.layers, job.penalty, _optimizer(c.warm_start_optimizer, c.warm_start_lr,
+                                                                  c.momentum, "warm_start_lr"), c.loss)
+    accs, wall = [], 0.0
+    ws_state = trainer.init(job.trainer.params(state))
+    for epoch in range(1, c.warm_start_epochs + 1):
+        ws_state, result = job.fit_epoch(trainer, ws_state, epoch, fine_tune=True)
+        wall += result.seconds
+        accs.append(job.test_accuracy(trainer.params(ws_state)))
+    return {"warm_start_test_accuracy": accs[-1], "warm_start_curve": accs, "warm_start_wall_time": wall}
+
+
+# ---------------------------------------------------------------- gradient trainers (sgd, adam)
+GRADIENT_DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
+GRADIENT_FIELDS = {
+    "learning_rate": 0.0,  # 0: the trainer's default (adam 1e-3, sgd 0.05)
+    "momentum": 0.9,  # sgd's heavy-ball momentum
+}
+
+
+def _optimizer(name, learning_rate, momentum, lr_key="learning_rate"):
+    try:
+        return make_optimizer(name, learning_rate, momentum)
+    except ValueError as err:
+        raise ValueError(f"bad config: {str(err).replace('learning_rate', lr_key)}") from None
+
+
+def _gradient_optimizer(c):
+    if c.learning_rate < 0:
+        raise ValueError(f"bad config: learning_rate={c.learning_rate} must be > 0 (or 0 for the default)")
+    return _optimizer(c.trainer, c.learning_rate or GRADIENT_DEFAULT_LR[c.trainer], c.momentum)
+
+
+def _build_gradient(c, layers, penalty):
+    return GradientTrainer(layers, penalty, _gradient_optimizer(c), c.loss)
+
+
+# ---------------------------------------------------------------- the built-in registry
+register(TrainerSpec("adam", "Adam", GRADIENT_FIELDS, _gradient_optimizer, _build_gradient))
+register(TrainerSpec("sgd", "SGD", GRADIENT_FIELDS, _gradient_optimizer, _build_gradient))
+_LIFTED_OWN = {**LIFTED_FIELDS, "momentum": GRADIENT_FIELDS["momentum"]}  # momentum: an sgd warm start's
+register(TrainerSpec("lnn", "LNN", _LIFTED_OWN, _check_lifted, _build_lifted, finish=warm_start))
+register(TrainerSpec("fenchel", "Fenchel", _LIFTED_OWN, _check_lifted, _build_lifted,
+                     extra_columns=(("Fenchel + warm start", "warm_start_test_accuracy"),), finish=warm_start))
