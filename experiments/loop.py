@@ -43,12 +43,14 @@ class EpochResult(NamedTuple):
 
 
 def run_epoch(trainer, state, x, y, *, seed: int, epoch: int, batch_size: int, stream: int = TRAIN_STREAM,
-              on_step: Optional[Callable] = None, clock: Callable[[], float] = time.perf_counter):
+              on_step: Optional[Callable] = None, clock: Optional[Callable[[], float]] = None):
     """One epoch of `trainer.step` over seeded-shuffled batches of (x, y one-hot).
 
     on_step(i, n_steps, state) runs after step i (0-based), e.g. for progress
-    or recording the parameter path. Returns (state, EpochResult).
+    or recording the parameter path; clock defaults to time.perf_counter.
+    Returns (state, EpochResult).
     """
+    clock = clock or time.perf_counter
     batches = epoch_batches(seed, epoch, x.shape[0], batch_size, stream)
     start = clock()
     bad = jnp.zeros((), bool)

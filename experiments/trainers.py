@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 import ml_collections
 
 from fenchel import GradientTrainer, LiftedConfig, LiftedTrainer, make_optimizer
+from fenchel.layers import parse_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,15 @@ def owner_of(key: str) -> list[str]:
 
 # ---------------------------------------------------------------- lifted trainers (fenchel, lnn)
 _ENGINE = {f.name: f.default for f in dataclasses.fields(LiftedConfig)}
-_PER_LAYER = {"lambdas": "lambda_", "rho": "rho", "rho_prox": "rho_prox"}  # engine field → config key
+# engine field → (config key of one value for all layers, config key of one value per layer)
+_PER_LAYER = {"lambdas": ("lambda_", "lambda_per_layer"), "rho": ("rho", "rho_per_layer"),
+              "rho_prox": ("rho_prox", "rho_prox_per_layer")}
 _SAME_NAME = ("lbd_coef", "alternations", "schedule", "x_mode", "w_mode", "x_tol", "x_max_steps", "w_tol",
               "w_max_steps")
 
 LIFTED_FIELDS = {
-    **{key: _ENGINE[field] for field, key in _PER_LAYER.items()},
-    **{f"{key}_per_layer": () for key in _PER_LAYER.values()},
+    **{key: _ENGINE[field] for field, (key, _) in _PER_LAYER.items()},
+    **{key: () for _, key in _PER_LAYER.values()},
     **{name: _ENGINE[name] for name in _SAME_NAME},
     "objective_batch": 1000,  # training examples on which the lifted objective is logged
     "warm_start_epochs": 1,  # lifted weights → flax model → this many epochs of an optax optimiser (0: off)
@@ -97,9 +100,9 @@ def lifted_config(c: ml_collections.ConfigDict) -> LiftedConfig:
     """The engine's LiftedConfig for a launcher config; errors name the config key."""
     used = {}
     kwargs = {}
-    for field, key in _PER_LAYER.items():
-        per_layer = tuple(c[f"{key}_per_layer"])
-        used[field] = f"{key}_per_layer" if per_layer else key
+    for field, (key, per_layer_key) in _PER_LAYER.items():
+        per_layer = tuple(c[per_layer_key])
+        used[field] = per_layer_key if per_layer else key
         kwargs[field] = per_layer if per_layer else c[key]
     kwargs.update({name: c[name] for name in _SAME_NAME})
     try:
@@ -115,6 +118,12 @@ def lifted_config(c: ml_collections.ConfigDict) -> LiftedConfig:
 
 def _check_lifted(c):
     lifted_config(c)
+    n_hidden = len(parse_layers(c.layers))
+    for key, n in (("lambda_per_layer", n_hidden), ("rho_per_layer", n_hidden + 1),
+                   ("rho_prox_per_layer", n_hidden + 1)):
+        if len(c[key]) not in (0, n):
+            raise ValueError(f"bad config: {key} needs {n} values (one per {'penalty' if n == n_hidden else 'layer'}"
+                             f"), got {len(c[key])}")
     if c.trainer == "lnn" and c.activation != "relu":
         raise ValueError("bad config: trainer='lnn' needs activation='relu'")
     if c.objective_batch < 1:

@@ -71,7 +71,7 @@ def _row_sum(a: jax.Array) -> jax.Array:
 
 
 def _sq_norm(tree) -> jax.Array:
-    return optax.tree_utils.tree_l2_norm(tree, squared=True)
+    return optax.tree_utils.tree_norm(tree, squared=True)
 
 
 def _random_start(shape, dtype) -> jax.Array:

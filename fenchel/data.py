@@ -1,7 +1,10 @@
-"""Offline datasets: MNIST (bundled), Fashion-MNIST, CIFAR-10.
+"""Offline datasets: MNIST (bundled), Fashion-MNIST, CIFAR-10, and a user's own `.npz` file.
 
-Nothing is downloaded. Arrays are returned as numpy: images float32 in [0, 1]
-(NHWC, or flattened to (N, H·W·C) for MLPs), labels int32.
+Nothing is downloaded. Arrays are returned as numpy: features float32 (uint8
+sources scaled to [0, 1]; NHWC images, or flattened to (N, H·W·C) for MLPs;
+flat (N, D) features stay 2-D), labels int32 in 0..num_classes-1.
+Every dataset is validated by `load_dataset` before it is returned: a bad
+shape, label or NaN/inf is a `DataError` naming the file and the array.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import gzip
 import hashlib
 import pickle
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -18,7 +23,7 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR = PROJECT_ROOT / "data" / "mnist"
 FASHION_MNIST_DEBIAN_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("/usr/share/fashion-mnist"))
-DATASETS = ("mnist", "fashion_mnist", "cifar10")
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -35,15 +40,14 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
-CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
-CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
-
 
 class DataError(Exception):
     """A dataset is missing or corrupted; the message says how to fix it."""
 
 
 class Dataset(NamedTuple):
+    """What `load_dataset` returns: float32 features, int32 labels in 0..num_classes-1."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
@@ -51,6 +55,17 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+
+
+class RawData(NamedTuple):
+    """A loader's output, before validation: arrays as stored, and what error messages name."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: Optional[int]  # None: max label + 1 over train and test
+    source: str  # the file or folder the arrays came from
 
 
 # ------------------------------------------------------------------ IDX
@@ -69,22 +84,21 @@ def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-def _read_idx_file(directory: Path, stem: str, sha256: Optional[str]) -> np.ndarray:
+def _read_idx_file(directory: Path, stem: str, sha256: Optional[str], how: str = "") -> np.ndarray:
+    """One IDX file, `stem.gz` or `stem`, decompressed, sha256-checked (when given) and parsed."""
     for candidate in (directory / (stem + ".gz"), directory / stem):
         if candidate.exists():
             raw = candidate.read_bytes()
             if candidate.suffix == ".gz":
                 try:
                     raw = gzip.decompress(raw)
-                except (OSError, EOFError) as err:
-                    raise DataError(f"{candidate}: corrupted gzip file ({err})") from None
+                except (zlib.error, gzip.BadGzipFile, EOFError, OSError) as err:
+                    raise DataError(f"{candidate}: corrupted gzip file ({type(err).__name__}: {err}). {how}") from None
             if sha256 is not None:
                 got = hashlib.sha256(raw).hexdigest()
                 if got != sha256:
-                    raise DataError(
-                        f"{candidate}: sha256 mismatch (expected {sha256}, got {got}); "
-                        "the file is corrupted: restore it with `git checkout -- data/mnist`"
-                    )
+                    raise DataError(f"{candidate}: sha256 mismatch (expected {sha256}, got {got}); "
+                                    f"the file is corrupted. {how}")
             return parse_idx(raw, str(candidate))
     raise FileNotFoundError(stem)
 
@@ -92,21 +106,20 @@ def _read_idx_file(directory: Path, stem: str, sha256: Optional[str]) -> np.ndar
 def load_idx_dataset(directory, sha256: Optional[dict] = None, what: str = "dataset", how: str = ""):
     """Load the four IDX files (gzipped or not) from `directory`.
 
-    Returns (train_images, train_labels, test_images, test_labels) as uint8.
+    Returns (train_images, train_labels, test_images, test_labels) as uint8;
+    label ranges are checked by `load_dataset`.
     """
     directory = Path(directory)
     out = []
     for stem in IDX_FILES.values():
         try:
-            out.append(_read_idx_file(directory, stem, None if sha256 is None else sha256[stem]))
+            out.append(_read_idx_file(directory, stem, None if sha256 is None else sha256[stem], how))
         except FileNotFoundError:
             raise DataError(f"{what}: {stem}[.gz] not found in {directory}. {how}") from None
     tr_x, tr_y, te_x, te_y = out
     for imgs, labels, split in ((tr_x, tr_y, "train"), (te_x, te_y, "test")):
         if imgs.ndim != 3 or labels.ndim != 1 or imgs.shape[0] != labels.shape[0]:
             raise DataError(f"{what}: inconsistent {split} shapes {imgs.shape} and {labels.shape}")
-        if labels.max() > 9:
-            raise DataError(f"{what}: {split} label {labels.max()} out of range 0..9")
     return tr_x, tr_y, te_x, te_y
 
 
@@ -114,7 +127,8 @@ def load_idx_dataset(directory, sha256: Optional[dict] = None, what: str = "data
 def load_cifar10_batches(directory) -> tuple:
     """Read the standard `cifar-10-batches-py` pickles: data_batch_1..5 and test_batch.
 
-    Returns (train_images, train_labels, test_images, test_labels), images uint8 NHWC.
+    Returns (train_images, train_labels, test_images, test_labels), images uint8
+    NHWC; label ranges are checked by `load_dataset`.
     """
     directory = Path(directory)
     how = (
@@ -144,39 +158,177 @@ def load_cifar10_batches(directory) -> tuple:
     tr_x = np.concatenate([p[0] for p in parts[:5]])
     tr_y = np.concatenate([p[1] for p in parts[:5]])
     te_x, te_y = parts[5]
-    if tr_y.min() < 0 or tr_y.max() > 9 or te_y.min() < 0 or te_y.max() > 9:
-        raise DataError("CIFAR-10: labels out of range 0..9")
     return tr_x, tr_y, te_x, te_y
 
 
-# ------------------------------------------------------------------ public
-def _raw(name: str, data_dir: Optional[str]):
-    if name == "mnist":
-        directory = Path(data_dir) if data_dir else MNIST_DIR
-        sha = MNIST_SHA256 if directory.resolve() == MNIST_DIR.resolve() else None
+# ------------------------------------------------------------------ npz
+def load_npz(path) -> RawData:
+    """Read a user's `.npz`: arrays x_train, y_train, x_test, y_test and an optional scalar num_classes.
+
+    Pickled (object) arrays are refused; shapes, labels and values are checked by `load_dataset`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (the 'npz' dataset reads data_file, an .npz holding "
+                        f"{', '.join(NPZ_ARRAYS)})")
+    how = f"write it with np.savez(path, {', '.join(f'{n}=...' for n in NPZ_ARRAYS)})"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as err:
+        raise DataError(f"{path}: not an .npz archive ({type(err).__name__}: {err}); {how}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single .npy array, not an .npz archive; {how}")
+    with archive:
+        missing = [n for n in NPZ_ARRAYS if n not in archive.files]
+        if missing:
+            raise DataError(f"{path}: missing array(s) {', '.join(missing)}; required: {', '.join(NPZ_ARRAYS)} "
+                            f"(optional: num_classes); found: {', '.join(archive.files) or 'none'}")
+        arrays = {}
+        for name in NPZ_ARRAYS + (("num_classes",) if "num_classes" in archive.files else ()):
+            try:
+                arrays[name] = archive[name]
+            except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as err:
+                raise DataError(f"{path}: cannot read array {name} ({type(err).__name__}: {err}); "
+                                "only numeric arrays are accepted, no pickled objects") from None
+    num_classes = None
+    if "num_classes" in arrays:
+        k = arrays["num_classes"]
+        if k.size != 1 or k.dtype.kind not in "iuf" or not float(k.item()).is_integer() or k.item() < 1:
+            raise DataError(f"{path}: num_classes must be a positive integer scalar, got {k!r}")
+        num_classes = int(k.item())
+    return RawData(*(arrays[n] for n in NPZ_ARRAYS), num_classes=num_classes, source=str(path))
+
+
+# ------------------------------------------------------------------ registry
+def _folder(what: str, data_dir: Optional[str], data_file: Optional[str]) -> Optional[Path]:
+    """The folder a folder-based dataset reads (None: its default); a data_file is an error."""
+    if data_file:
+        raise DataError(f"{what} reads a folder (data_dir), not data_file={data_file!r}; "
+                        "data_file is for the 'npz' dataset")
+    return Path(data_dir) if data_dir else None
+
+
+def _load_mnist(data_dir: Optional[str], data_file: Optional[str]) -> RawData:
+    """MNIST from data_dir, or the bundled data/mnist (sha256-checked); 10 classes."""
+    directory = _folder("MNIST", data_dir, data_file) or MNIST_DIR
+    if directory.resolve() == MNIST_DIR.resolve():
+        sha = MNIST_SHA256
         how = "The project bundles MNIST in data/mnist; restore it with `git checkout -- data/mnist`."
-        return load_idx_dataset(directory, sha, "MNIST", how)
-    if name == "fashion_mnist":
-        how = (
-            "Install it with `apt-get install dataset-fashion-mnist` (Debian), or set "
-            "config.data_dir to a folder holding the four Fashion-MNIST IDX files."
+    else:
+        sha, how = None, "Point data_dir at a folder with good copies of the four MNIST IDX files, or leave it empty."
+    return RawData(*load_idx_dataset(directory, sha, "MNIST", how), num_classes=10, source=f"MNIST ({directory})")
+
+
+def _load_fashion_mnist(data_dir: Optional[str], data_file: Optional[str]) -> RawData:
+    """Fashion-MNIST from data_dir, or from Debian's dataset-fashion-mnist package; 10 classes."""
+    how = (
+        "Install it with `apt-get install dataset-fashion-mnist` (Debian), or set "
+        "config.data_dir to a folder holding the four Fashion-MNIST IDX files."
+    )
+    directory = _folder("Fashion-MNIST", data_dir, data_file)
+    if directory is None:
+        directory = next((d for d in FASHION_MNIST_DEBIAN_DIRS if d.exists()), None)
+        if directory is None:
+            raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, FASHION_MNIST_DEBIAN_DIRS))}. {how}")
+    return RawData(*load_idx_dataset(directory, None, "Fashion-MNIST", how), num_classes=10,
+                   source=f"Fashion-MNIST ({directory})")
+
+
+def _load_cifar10(data_dir: Optional[str], data_file: Optional[str]) -> RawData:
+    """CIFAR-10 from the cifar-10-batches-py folder data_dir; 10 classes."""
+    directory = _folder("CIFAR-10", data_dir, data_file)
+    if directory is None:
+        raise DataError(
+            "CIFAR-10 needs config.data_dir: the cifar-10-batches-py folder of the "
+            "standard Python pickles (not bundled; download cifar-10-python.tar.gz and unpack it)."
         )
-        if data_dir:
-            return load_idx_dataset(data_dir, None, "Fashion-MNIST", how)
-        for d in FASHION_MNIST_DEBIAN_DIRS:
-            if d.exists():
-                return load_idx_dataset(d, None, "Fashion-MNIST", how)
-        raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, FASHION_MNIST_DEBIAN_DIRS))}. {how}")
-    if name == "cifar10":
-        if not data_dir:
-            raise DataError(
-                "CIFAR-10 needs config.data_dir: the cifar-10-batches-py folder of the "
-                "standard Python pickles (not bundled; download cifar-10-python.tar.gz and unpack it)."
-            )
-        return load_cifar10_batches(data_dir)
-    raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return RawData(*load_cifar10_batches(directory), num_classes=10, source=f"CIFAR-10 ({directory})")
 
 
+def _load_npz_file(data_dir: Optional[str], data_file: Optional[str]) -> RawData:
+    """A user's .npz file data_file (see `load_npz`); classes from its num_classes or its labels."""
+    if not data_file:
+        raise DataError(f"the 'npz' dataset needs data_file: the path of an .npz holding {', '.join(NPZ_ARRAYS)}")
+    if data_dir:
+        raise DataError(f"the 'npz' dataset reads data_file={data_file!r} only; data_dir={data_dir!r} must be empty")
+    return load_npz(data_file)
+
+
+# Every dataset: its name and its loader (data_dir, data_file) -> RawData.
+LOADERS = {
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
+    "npz": _load_npz_file,
+}
+DATASETS = tuple(LOADERS)
+
+
+# ------------------------------------------------------------------ validation
+def _features(a: np.ndarray) -> np.ndarray:
+    """float32 features: uint8 scaled by 1/255, any other numeric dtype converted as is."""
+    with np.errstate(over="ignore"):  # an overflow to inf is reported by _validated
+        out = a.astype(np.float32)
+    if a.dtype == np.uint8:
+        out /= 255.0
+    return out
+
+
+def _validated(raw: RawData) -> RawData:
+    """Check a loader's arrays; return float32 features, int32 labels and the number of classes.
+
+    Raises DataError naming `raw.source` and the array for non-numeric dtypes,
+    bad or empty shapes, x/y length or train/test feature-shape mismatches,
+    labels that are not integers in 0..num_classes-1, and NaN/inf features.
+    """
+    src = raw.source
+    arrays = {n: getattr(raw, n) for n in NPZ_ARRAYS}
+    for name, a in arrays.items():
+        if a.dtype.kind not in "iuf":
+            raise DataError(f"{src}: {name} has non-numeric dtype {a.dtype}; integer or float arrays are required")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if not 2 <= x.ndim <= 4:
+            raise DataError(f"{src}: x_{split} has shape {x.shape}; expected flat features (N, D) "
+                            "or images (N, H, W) / (N, H, W, C)")
+        if y.ndim != 1:
+            raise DataError(f"{src}: y_{split} has shape {y.shape}; expected class indices of shape (N,)")
+        if x.size == 0:
+            raise DataError(f"{src}: x_{split} is empty (shape {x.shape})")
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"{src}: x_{split} has {x.shape[0]} examples but y_{split} has {y.shape[0]} labels")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise DataError(f"{src}: x_train examples have shape {arrays['x_train'].shape[1:]} but x_test examples "
+                        f"have shape {arrays['x_test'].shape[1:]}")
+    for name in ("y_train", "y_test"):
+        y = arrays[name]
+        if y.dtype.kind == "f":
+            bad = ~np.isfinite(y) | (y != np.round(y))
+            if bad.any():
+                raise DataError(f"{src}: {name} holds non-integer label {y[bad][0]}; labels must be class indices")
+        if y.min() < 0:
+            raise DataError(f"{src}: {name} has negative label {y.min():g}")
+    num_classes = raw.num_classes
+    if num_classes is None:
+        num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    if num_classes > np.iinfo(np.int32).max:
+        raise DataError(f"{src}: {num_classes} classes do not fit int32 labels")
+    for name in ("y_train", "y_test"):
+        if arrays[name].max() >= num_classes:
+            raise DataError(f"{src}: {name} has label {arrays[name].max():g} out of range 0..{num_classes - 1}")
+    features = {}
+    for name in ("x_train", "x_test"):
+        features[name] = _features(arrays[name])
+        if arrays[name].dtype.kind != "f":
+            continue  # integers are finite, and so are they as float32
+        finite = np.isfinite(features[name]).reshape(len(features[name]), -1).all(axis=1)
+        if not finite.all():
+            raise DataError(f"{src}: {name} holds NaN or inf (as float32), first in example {np.argmin(finite)}")
+    return RawData(features["x_train"], arrays["y_train"].astype(np.int32), features["x_test"],
+                   arrays["y_test"].astype(np.int32), num_classes, src)
+
+
+# ------------------------------------------------------------------ public
 def load_dataset(
     name: str,
     data_dir: Optional[str] = None,
@@ -186,21 +338,34 @@ def load_dataset(
     seed: int = 0,
     train_size: Optional[int] = None,
     test_size: Optional[int] = None,
+    data_file: Optional[str] = None,
 ) -> Dataset:
-    """Load a dataset scaled to [0, 1] and split off a seeded validation set.
+    """Load and validate a dataset, and split off a seeded validation set.
 
-    flatten: (N, H·W·C) for MLPs, else NHWC. normalize: per-channel
-    standardisation with training-set statistics. train_size/test_size keep
-    the first examples (after the seeded shuffle of the training set).
+    name: one of DATASETS; "npz" reads `data_file` (see `load_npz`), the others
+    `data_dir` (empty: the bundled or installed copy). Features are float32:
+    uint8 sources are scaled by 1/255 to [0, 1], float (or other integer)
+    features are kept as given. num_classes is the dataset's (10 for MNIST,
+    Fashion-MNIST and CIFAR-10), an npz's `num_classes` array, or else its
+    max label + 1. flatten: (N, H·W·C) for MLPs, else NHWC images; flat
+    (N, D) features stay (N, D). normalize: per-channel (per-feature for flat
+    features) standardisation with training-set statistics; a constant
+    channel is only centred. train_size/test_size keep the first examples
+    (after the seeded shuffle of the training set).
     """
-    tr_x, tr_y, te_x, te_y = _raw(name, data_dir)
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    for key, size in (("train_size", train_size), ("test_size", test_size)):
+        if size is not None and size < 1:
+            raise ValueError(f"{key} must be at least 1 (or None for all examples), got {size}")
+    tr_x, tr_y, te_x, te_y, num_classes, _ = _validated(LOADERS[name](data_dir, data_file))
     if tr_x.ndim == 3:
         tr_x, te_x = tr_x[..., None], te_x[..., None]
-    tr_x = tr_x.astype(np.float32) / 255.0
-    te_x = te_x.astype(np.float32) / 255.0
     if normalize:
-        mean = tr_x.mean(axis=(0, 1, 2))
-        std = tr_x.std(axis=(0, 1, 2))
+        axes = tuple(range(tr_x.ndim - 1))
+        mean = tr_x.mean(axis=axes)
+        std = tr_x.std(axis=axes)
+        std = np.where(std > 0, std, np.float32(1.0))
         tr_x, te_x = (tr_x - mean) / std, (te_x - mean) / std
     perm = np.random.default_rng(seed).permutation(tr_x.shape[0])
     tr_x, tr_y = tr_x[perm], tr_y[perm]
@@ -214,9 +379,8 @@ def load_dataset(
         te_x, te_y = te_x[:test_size], te_y[:test_size]
     if flatten:
         tr_x, va_x, te_x = (a.reshape(a.shape[0], int(np.prod(a.shape[1:]))) for a in (tr_x, va_x, te_x))
-    cast = lambda a: np.ascontiguousarray(a)  # noqa: E731
-    return Dataset(cast(tr_x), tr_y.astype(np.int32), cast(va_x), va_y.astype(np.int32),
-                   cast(te_x), te_y.astype(np.int32), 10)
+    cast = np.ascontiguousarray
+    return Dataset(cast(tr_x), cast(tr_y), cast(va_x), cast(va_y), cast(te_x), cast(te_y), num_classes)
 
 
 def epoch_batches(key, n: int, batch_size: int):

@@ -79,7 +79,7 @@ def forward(params: Params, x0: jax.Array, penalty: Penalty, layers: Optional[Se
 def regulariser(params: Params, rho) -> jax.Array:
     """Σ_l ρ_l ‖W_l‖² (kernels only)."""
     rho = broadcast_per_layer(rho, len(params), "rho")
-    return sum(r * optax.tree_utils.tree_l2_norm(layer["kernel"], squared=True) for r, layer in zip(rho, params))
+    return sum(r * optax.tree_utils.tree_norm(layer["kernel"], squared=True) for r, layer in zip(rho, params))
 
 
 def broadcast_per_layer(value, n: int, name: str) -> tuple:

@@ -17,6 +17,11 @@ a Fenchel–Young penalty (it equals 2·B_relu + min(u, 0)²).
 
 Block solvers only need: the smooth part in u (F, with curvature bound
 sup F''), the proximal map of G, the domain projection and the coupling c.
+
+Values are computed from a separate, cancellation-free form of P (the field
+`divergence`: a sum of non-negative terms, or a KL divergence), since
+F(u) + G(v) − c·u·v cancels near the graph and can come out negative in
+float32 (times λ, a large negative "penalty").
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Penalty:
       curvature_u: sup_u F''(u), a Lipschitz constant of ∂P/∂u.
       lower: lower end of dom G (−inf if unbounded).
       upper: upper end of dom G (+inf if unbounded).
+      divergence: (u, v) ↦ P(u, v) for v ∈ dom G, in a form that is ≥ 0 in floating point.
     """
 
     name: str
@@ -59,16 +65,15 @@ class Penalty:
     curvature_u: float
     lower: float
     upper: float
+    divergence: Callable[[Array, Array], Array]
 
     def in_domain(self, v: Array) -> Array:
         """Boolean mask of v ∈ dom G."""
         return (v >= self.lower) & (v <= self.upper)
 
     def value(self, u: Array, v: Array) -> Array:
-        """P(u, v) elementwise; +inf where v lies outside dom G."""
-        v_safe = self.project(v)
-        val = self.F(u) + self.G(v_safe) - self.coupling * u * v_safe
-        return jnp.where(self.in_domain(v), val, jnp.inf)
+        """P(u, v) = F(u) + G(v) − c·u·v elementwise, via `divergence` (≥ 0); +inf where v ∉ dom G."""
+        return jnp.where(self.in_domain(v), self.divergence(u, self.project(v)), jnp.inf)
 
     def smooth_u(self, u: Array, v: Array) -> Array:
         """The part of P smooth in u for fixed v: F(u) − c·u·v."""
@@ -106,8 +111,13 @@ def _relu_prox(z, s):
     return jnp.maximum(z, 0.0) / (1.0 + s)
 
 
+def _relu_divergence(u, v):
+    # ½v² + ½u₊² − uv = ½(v − u₊)² + u₋·v with u₋ = max(−u, 0): both terms ≥ 0 for v ≥ 0.
+    return 0.5 * (v - jax.nn.relu(u)) ** 2 + jax.nn.relu(-u) * v
+
+
 def relu_penalty() -> Penalty:
-    """B(u, v) = ½v² + ½relu(u)² − u·v, v ≥ 0."""
+    """B(u, v) = ½v² + ½relu(u)² − u·v = ½(v − u₊)² + u₋·v, v ≥ 0."""
     return Penalty(
         name="relu",
         forward=jax.nn.relu,
@@ -119,6 +129,7 @@ def relu_penalty() -> Penalty:
         curvature_u=1.0,
         lower=0.0,
         upper=jnp.inf,
+        divergence=_relu_divergence,
     )
 
 
@@ -132,6 +143,13 @@ def leaky_relu_penalty(negative_slope: float = 0.01) -> Penalty:
     def prox(z, s):
         return jnp.where(z >= 0, z / (1.0 + s), z / (1.0 + s / a))
 
+    def divergence(u, v):
+        # With x₊ = max(x, 0), x₋ = max(−x, 0): −uv = −u₊v₊ − u₋v₋ + u₊v₋ + u₋v₊, so
+        # B = ½(u₊ − v₊)² + (v₋ − a·u₋)²/(2a) + u₊v₋ + u₋v₊, every term ≥ 0.
+        up, um = jax.nn.relu(u), jax.nn.relu(-u)
+        vp, vm = jax.nn.relu(v), jax.nn.relu(-v)
+        return 0.5 * (up - vp) ** 2 + 0.5 / a * (vm - a * um) ** 2 + up * vm + um * vp
+
     return Penalty(
         name="leaky_relu",
         forward=lambda u: jnp.where(u >= 0, u, a * u),
@@ -143,12 +161,29 @@ def leaky_relu_penalty(negative_slope: float = 0.01) -> Penalty:
         curvature_u=1.0,
         lower=-jnp.inf,
         upper=jnp.inf,
+        divergence=divergence,
     )
 
 
 # ---------------------------------------------------------------- sigmoid
 def _bernoulli_negentropy(v):
     return xlogy(v, v) + xlogy(1.0 - v, 1.0 - v)
+
+
+def _bernoulli_kl(p, q, t):
+    """KL(Bern(p) ‖ Bern(σ(t))) = p·(log p + softplus(−t)) + q·(log q + softplus(t)), q = 1 − p.
+
+    q is passed in (computed by the caller from its own input) so that it is
+    not rounded through 1 − p. Rounding can still leave a tiny negative value;
+    it is clamped at 0, which never increases the error as the true value is ≥ 0.
+    """
+    kl = xlogy(p, p) + p * jax.nn.softplus(-t) + xlogy(q, q) + q * jax.nn.softplus(t)
+    return jnp.maximum(kl, 0.0)
+
+
+def _sigmoid_divergence(u, v):
+    # softplus(u) + v log v + (1 − v) log(1 − v) − uv = KL(Bern(v) ‖ Bern(σ(u))).
+    return _bernoulli_kl(v, 1.0 - v, u)
 
 
 def _sigmoid_prox(z, s):
@@ -174,6 +209,7 @@ def sigmoid_penalty() -> Penalty:
         curvature_u=0.25,
         lower=0.0,
         upper=1.0,
+        divergence=_sigmoid_divergence,
     )
 
 
@@ -185,6 +221,13 @@ def _log_cosh(u):
 
 def _tanh_conj(v):
     return 0.5 * (xlogy(1.0 + v, 1.0 + v) + xlogy(1.0 - v, 1.0 - v))
+
+
+def _tanh_divergence(u, v):
+    # With p = (1 + v)/2 and tanh(u) = 2σ(2u) − 1: log cosh u = softplus(2u) − u − log 2 and
+    # F*(v) = p log p + (1 − p) log(1 − p) + log 2, so B_tanh(u, v) = B_sigmoid(2u, p)
+    # = KL(Bern(p) ‖ Bern(σ(2u))).
+    return _bernoulli_kl(0.5 * (1.0 + v), 0.5 * (1.0 - v), 2.0 * u)
 
 
 def _tanh_prox(z, s):
@@ -210,6 +253,7 @@ def tanh_penalty() -> Penalty:
         curvature_u=1.0,
         lower=-1.0,
         upper=1.0,
+        divergence=_tanh_divergence,
     )
 
 
@@ -232,6 +276,7 @@ def lnn_relu_penalty() -> Penalty:
         curvature_u=2.0,
         lower=0.0,
         upper=jnp.inf,
+        divergence=lambda u, v: (v - u) ** 2,
     )
 
 

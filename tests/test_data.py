@@ -1,9 +1,11 @@
-"""Datasets: sha256 checks, IDX parsing, CIFAR-10 pickles, missing-data errors."""
+"""Datasets: sha256 and gzip checks, IDX parsing, CIFAR-10 pickles, user .npz files, validation errors."""
 
 import gzip
+import hashlib
 import pickle
 import shutil
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -22,18 +24,32 @@ def test_bundled_mnist_shapes_dtypes_and_labels():
     assert d.x_train.shape == (60000, 784) and d.x_test.shape == (10000, 784)
     assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32
     assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
-    assert set(np.unique(d.y_train)) == set(range(10))
+    assert set(np.unique(d.y_train)) == set(range(10)) and d.num_classes == 10
     nhwc = load_dataset("mnist", flatten=False, test_size=5)
     assert nhwc.x_test.shape == (5, 28, 28, 1)
 
 
-def test_validation_split_is_seeded_and_disjoint():
-    a = load_dataset("mnist", val_size=1000, seed=3, train_size=2000)
+def fingerprints(images, labels) -> list:
+    """One digest per example: its uint8 pixels and its label."""
+    pixels = np.round(np.asarray(images, np.float64).reshape(len(images), -1) * 255).astype(np.uint8)
+    return [hashlib.sha1(p.tobytes() + int(y).to_bytes(1, "little")).digest() for p, y in zip(pixels, labels)]
+
+
+def test_validation_split_is_seeded_disjoint_and_covers_the_training_set():
+    a = load_dataset("mnist", val_size=1000, seed=3)
     b = load_dataset("mnist", val_size=1000, seed=3, train_size=2000)
     c = load_dataset("mnist", val_size=1000, seed=4, train_size=2000)
     np.testing.assert_array_equal(a.x_val, b.x_val)
+    np.testing.assert_array_equal(a.x_train[:2000], b.x_train)
     assert not np.array_equal(a.x_val, c.x_val)
-    assert a.x_val.shape == (1000, 784) and a.x_train.shape == (2000, 784)
+    assert a.x_val.shape == (1000, 784) and b.x_train.shape == (2000, 784) and a.x_train.shape == (59000, 784)
+    # every (image, label) of the original training set lands in exactly one of the two sets
+    raw_x, raw_y, _, _ = data.load_idx_dataset(data.MNIST_DIR)
+    original = fingerprints(raw_x / 255.0, raw_y)
+    assert len(set(original)) == 60000  # MNIST's training images are all distinct
+    val, train = fingerprints(a.x_val, a.y_val), fingerprints(a.x_train, a.y_train)
+    assert not set(val) & set(train)
+    assert len(set(val)) + len(set(train)) == 60000 and set(val) | set(train) == set(original)
 
 
 def test_sha256_catches_a_corrupted_file(tmp_path):
@@ -46,6 +62,37 @@ def test_sha256_catches_a_corrupted_file(tmp_path):
         data.load_idx_dataset(tmp_path, data.MNIST_SHA256, "MNIST")
     shutil.copy(data.MNIST_DIR / "t10k-labels-idx1-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
     assert data.load_idx_dataset(tmp_path, data.MNIST_SHA256, "MNIST")[3].shape == (10000,)
+
+
+def corrupted_gzip(raw: bytes, error: type) -> bytes:
+    """`raw` with one byte flipped, the first from the middle on for which gzip.decompress raises `error`."""
+    for offset in range(len(raw) // 2, len(raw)):
+        bad = bytearray(raw)
+        bad[offset] ^= 0xFF
+        try:
+            gzip.decompress(bytes(bad))
+        except Exception as err:  # noqa: BLE001 - looking for one exact type
+            if type(err) is error:
+                return bytes(bad)
+    raise AssertionError(f"no single flipped byte gives {error.__name__}")
+
+
+@pytest.mark.parametrize("damage", ["deflate stream (zlib.error)", "crc (BadGzipFile)", "truncated (EOFError)"])
+def test_a_damaged_gzip_is_a_data_error_saying_how_to_restore_it(tmp_path, monkeypatch, damage):
+    for f in data.MNIST_DIR.glob("*.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    target = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = target.read_bytes()
+    if damage.startswith("truncated"):
+        bad = raw[:len(raw) // 2]
+    else:
+        bad = corrupted_gzip(raw, zlib.error if damage.startswith("deflate") else gzip.BadGzipFile)
+    with pytest.raises(zlib.error if damage.startswith("deflate") else (gzip.BadGzipFile, EOFError)):
+        gzip.decompress(bad)  # the damage is of the intended kind
+    target.write_bytes(bad)
+    monkeypatch.setattr(data, "MNIST_DIR", tmp_path)  # treated as the bundled copy
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: corrupted gzip file.*git checkout -- data/mnist"):
+        load_dataset("mnist")
 
 
 def test_idx_parser():
@@ -126,7 +173,139 @@ def test_cifar10_missing_errors_say_how_to_get_it(tmp_path):
 
 
 def test_unknown_dataset_and_nan_check():
-    with pytest.raises(DataError, match="unknown dataset"):
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'; known: mnist, fashion_mnist, cifar10, npz"):
         load_dataset("imagenet")
     with pytest.raises(ValueError, match="test images contains NaN"):
         data.check_finite(np.zeros(3), np.array([0.0, np.nan]), names=["train", "test images"])
+
+
+def test_one_registry_entry_adds_a_dataset(monkeypatch):
+    assert data.DATASETS == tuple(data.LOADERS) == ("mnist", "fashion_mnist", "cifar10", "npz")
+    x = np.arange(4 * 3 * 2, dtype=np.uint8).reshape(4, 3, 2)
+    toy = data.RawData(x, np.array([0, 1, 2, 3]), x[:2], np.array([3, 0]), None, "toy")
+    monkeypatch.setitem(data.LOADERS, "toy", lambda data_dir, data_file: toy)
+    d = load_dataset("toy", flatten=False)
+    assert d.num_classes == 4 and d.x_train.shape == (4, 3, 2, 1)
+
+
+def write_npz(path, **arrays):
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a str path
+        np.savez(f, **arrays)
+    return str(path)
+
+
+def test_npz_flat_float_features_three_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(50, 20)) * 7.0
+    x_train[:, 0] = np.arange(50)  # row id, to undo the shuffle
+    x_train[:, 1] = 2.5  # a constant feature
+    y_train = rng.integers(0, 3, 50)
+    y_train[:3] = [0, 1, 2]
+    x_test, y_test = rng.normal(size=(9, 20)), rng.integers(0, 3, 9)
+    path = write_npz(tmp_path / "mine.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    d = load_dataset("npz", data_file=path, flatten=False, val_size=10, seed=1, test_size=4)
+    assert d.num_classes == 3
+    assert d.x_train.shape == (40, 20) and d.x_val.shape == (10, 20) and d.x_test.shape == (4, 20)
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32
+    rows = np.concatenate([d.x_val[:, 0], d.x_train[:, 0]]).astype(int)
+    assert sorted(rows) == list(range(50))
+    # float features are kept as given (not scaled), with their labels
+    np.testing.assert_array_equal(np.concatenate([d.x_val, d.x_train]), x_train[rows].astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([d.y_val, d.y_train]), y_train[rows])
+    np.testing.assert_array_equal(d.x_test, x_test[:4].astype(np.float32))
+    n = load_dataset("npz", data_file=path, normalize=True)
+    assert n.x_train.shape == (50, 20) and np.all(np.isfinite(n.x_train)) and np.all(np.isfinite(n.x_test))
+    np.testing.assert_allclose(n.x_train.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(n.x_train.std(0)[2:], 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(n.x_train[:, 1], 0.0)  # the constant feature is only centred
+
+
+def test_npz_uint8_images_explicit_classes_and_float_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    x_train, x_test = rng.integers(0, 256, (12, 6, 5), dtype=np.uint8), rng.integers(0, 256, (3, 6, 5), dtype=np.uint8)
+    y_train, y_test = np.arange(12) % 4, np.array([0.0, 1.0, 3.0])  # integral float labels are accepted
+    path = write_npz(tmp_path / "imgs.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                     num_classes=np.array(7))
+    d = load_dataset("npz", data_file=path)
+    assert d.num_classes == 7 and d.x_train.shape == (12, 30) and d.x_test.shape == (3, 30)
+    np.testing.assert_allclose(d.x_test, x_test.reshape(3, 30) / 255.0, rtol=1e-6)
+    assert d.y_test.dtype == np.int32 and d.y_test.tolist() == [0, 1, 3]
+    assert load_dataset("npz", data_file=path, flatten=False).x_train.shape == (12, 6, 5, 1)
+    rgb = write_npz(tmp_path / "rgb.npz", x_train=rng.integers(0, 256, (8, 4, 4, 3), dtype=np.uint8),
+                    y_train=np.arange(8) % 2, x_test=rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8), y_test=[1, 0])
+    d = load_dataset("npz", data_file=rgb, flatten=False, normalize=True)
+    assert d.num_classes == 2 and d.x_train.shape == (8, 4, 4, 3)
+    np.testing.assert_allclose(d.x_train.reshape(-1, 3).mean(0), 0.0, atol=1e-5)
+
+
+def good_arrays():
+    rng = np.random.default_rng(2)
+    return dict(x_train=rng.normal(size=(10, 20)), y_train=np.arange(10) % 3,
+                x_test=rng.normal(size=(4, 20)), y_test=np.array([0, 1, 2, 0]))
+
+
+def with_(**changes):
+    arrays = good_arrays()
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+NPZ_ERRORS = {
+    "missing file": (None, "not found"),
+    "not a zip": (b"x_train,y_train\n1,2\n", "not an .npz archive"),
+    "broken zip": (b"PK\x03\x04" + bytes(60), "not an .npz archive"),
+    "single npy": ("npy", "a single .npy array, not an .npz archive"),
+    "missing arrays": (with_(x_test=None, y_test=None),
+                       "missing array.s. x_test, y_test; required: x_train, y_train, x_test, y_test"),
+    "object array": (with_(x_train=np.array([[1.0], "a"] * 5, dtype=object)), "cannot read array x_train"),
+    "string labels": (with_(y_train=np.array(list("abcabcabca"))), "y_train has non-numeric dtype"),
+    "1-D features": (with_(x_train=np.zeros(10)), r"x_train has shape \(10,\)"),
+    "one-hot labels": (with_(y_test=np.eye(3)[[0, 1, 2, 0]]), r"y_test has shape \(4, 3\)"),
+    "empty": (with_(x_test=np.zeros((0, 20)), y_test=np.zeros(0, int)), "x_test is empty"),
+    "length mismatch": (with_(y_train=np.arange(9) % 3), "x_train has 10 examples but y_train has 9 labels"),
+    "feature shapes": (with_(x_test=np.zeros((4, 21))),
+                       r"x_train examples have shape \(20,\) but x_test examples have shape \(21,\)"),
+    "non-integral labels": (with_(y_test=np.array([0.0, 1.5, 2.0, 0.0])), "y_test holds non-integer label 1.5"),
+    "negative label": (with_(y_train=np.arange(10) % 3 - 1), "y_train has negative label -1"),
+    "label >= num_classes": (with_(y_test=np.array([0, 1, 3, 0]), num_classes=np.array(3)),
+                             r"y_test has label 3 out of range 0\.\.2"),
+    "bad num_classes": (with_(num_classes=np.array(2.5)), "num_classes must be a positive integer"),
+    "inf": (with_(x_test=np.full((4, 20), np.inf)), "x_test holds NaN or inf"),
+    "float32 overflow": (with_(x_train=np.full((10, 20), 1e300)), "x_train holds NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_ERRORS))
+def test_npz_validation_errors_name_the_file_and_the_array(tmp_path, case):
+    content, message = NPZ_ERRORS[case]
+    path = tmp_path / "bad.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif content is not None:
+        write_npz(path, **content)
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset("npz", data_file=str(path))
+    assert str(err.value).startswith(str(path))
+
+
+def test_nan_in_an_npz_is_a_data_error_from_load_dataset(tmp_path):
+    arrays = good_arrays()
+    arrays["x_train"][7, 3] = np.nan
+    path = write_npz(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(DataError, match=r"nan.npz: x_train holds NaN or inf \(as float32\), first in example 7"):
+        load_dataset("npz", data_file=path)
+
+
+def test_data_file_and_data_dir_go_to_the_right_datasets(tmp_path):
+    with pytest.raises(DataError, match="'npz' dataset needs data_file"):
+        load_dataset("npz")
+    path = write_npz(tmp_path / "ok.npz", **good_arrays())
+    with pytest.raises(DataError, match="data_dir='somewhere' must be empty"):
+        load_dataset("npz", data_dir="somewhere", data_file=path)
+    with pytest.raises(DataError, match="MNIST reads a folder"):
+        load_dataset("mnist", data_file=path)
+    with pytest.raises(ValueError, match="train_size must be at least 1"):
+        load_dataset("npz", data_file=path, train_size=-2)

@@ -16,6 +16,16 @@ def params_for(act):
     return {"negative_slope": SLOPE} if act == "leaky_relu" else {}
 
 
+def make_penalty(name):
+    """The penalty by test name: the four Fenchel penalties, or "lnn_relu" (LNN's squared penalty)."""
+    if name == "lnn_relu":
+        return get_penalty("relu", lifting="lnn")
+    return get_penalty(name, **params_for(name))
+
+
+ALL_PENALTIES = (*ACTIVATIONS, "lnn_relu")
+
+
 def sample_domain(act, n):
     if act == "relu":
         return RNG.exponential(1.0, n)
@@ -41,7 +51,34 @@ def reference_B(act, u, v):
             return np.logaddexp(0, u) + xlogx(v) + xlogx(1 - v) - u * v
         if act == "tanh":
             return np.log(np.cosh(u)) + 0.5 * (xlogx(1 + v) + xlogx(1 - v)) - u * v
+        if act == "lnn_relu":
+            return (v - u) ** 2
     raise AssertionError(act)
+
+
+def reference_F(name, u):
+    """F(u) in numpy: ½u₊², ½u₊² + (a/2)u₋², softplus, log cosh, u² (LNN)."""
+    return {
+        "relu": lambda: 0.5 * np.maximum(u, 0) ** 2,
+        "leaky_relu": lambda: 0.5 * np.maximum(u, 0) ** 2 + 0.5 * SLOPE * np.minimum(u, 0) ** 2,
+        "sigmoid": lambda: np.logaddexp(0, u),
+        "tanh": lambda: np.logaddexp(u, -u) - np.log(2),
+        "lnn_relu": lambda: u**2,
+    }[name]()
+
+
+def float32_near_graph(pen):
+    """float32 points on and next to the graph of φ, u over ±[1e-6, 100] and 0."""
+    mags = np.logspace(-6, 2, 300)
+    u = jnp.asarray(np.concatenate([-mags[::-1], [0.0], mags]), jnp.float32)
+    v = pen.forward(u)
+    one = jnp.float32(1)
+    candidates = [v, jnp.nextafter(v, one * np.inf), jnp.nextafter(v, -one * np.inf), v + jnp.float32(1e-6),
+                  v - jnp.float32(1e-6), v * jnp.float32(1 + 1e-5), v * jnp.float32(1 - 1e-5)]
+    us = jnp.concatenate([u] * len(candidates))
+    vs = pen.project(jnp.concatenate(candidates))
+    assert us.dtype == vs.dtype == jnp.float32
+    return us, vs
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -109,15 +146,54 @@ def test_bad_leaky_slope():
         get_penalty("leaky_relu", negative_slope=1.5)
 
 
-@pytest.mark.parametrize("act", ACTIVATIONS)
-def test_prox_of_G_is_optimal(act):
+@pytest.mark.parametrize("name", ALL_PENALTIES)
+def test_nonnegative_in_float32_near_the_graph(name):
+    """F(u) + G(v) − c·u·v cancels near the graph; the computed float32 value must still be ≥ 0."""
+    pen = make_penalty(name)
+    u, v = float32_near_graph(pen)
+    b = pen.value(u, v)
+    assert b.dtype == jnp.float32
+    b = np.asarray(b)
+    assert np.all(np.isfinite(b))
+    assert b.min() >= 0.0, f"{np.sum(b < 0)} negative values, min {b.min()}"
+
+
+@pytest.mark.parametrize("name", ALL_PENALTIES)
+def test_float32_value_near_the_graph_is_accurate(name):
+    """float32 values near the graph match a float64 numpy reference to 1e-6 (≈ 8 float32 ulps), abs. and rel."""
+    pen = make_penalty(name)
+    u = (np.sign(RNG.normal(size=3000)) * np.exp(RNG.uniform(np.log(1e-4), np.log(60), 3000))).astype(np.float32)
+    v = np.asarray(pen.forward(jnp.asarray(u)))
+    v = np.asarray(pen.project(jnp.asarray(v * (1 + 1e-3 * RNG.normal(size=3000)).astype(np.float32))))
+    assert v.dtype == np.float32
+    got = np.asarray(pen.value(jnp.asarray(u), jnp.asarray(v)), np.float64)
+    np.testing.assert_allclose(got, reference_B(name, u.astype(np.float64), v.astype(np.float64)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_PENALTIES)
+def test_curvature_bound_is_sup_of_F_second_derivative(name):
+    """curvature_u ≥ sup_u F''(u) (second differences of a numpy F on a grid), and within 1% of it."""
+    pen = make_penalty(name)
+    h = 1e-3
+    u = np.arange(-10.0, 10.0 + h / 2, h)
+    np.testing.assert_allclose(np.asarray(pen.F(jnp.asarray(u))), reference_F(name, u), rtol=1e-12, atol=1e-12)
+    f = reference_F(name, u)
+    second = (f[2:] - 2 * f[1:-1] + f[:-2]) / h**2
+    sup = second.max()
+    assert pen.curvature_u >= sup - 1e-6
+    assert pen.curvature_u <= 1.01 * sup
+
+
+@pytest.mark.parametrize("name", ALL_PENALTIES)
+def test_prox_of_G_is_optimal(name):
     """prox_G(z, s) = argmin_v s·G(v) + ½(v − z)², checked by a bounded scalar solve."""
-    pen = get_penalty(act, **params_for(act))
+    pen = make_penalty(name)
+    g_ref = {"lnn_relu": lambda v: v**2}.get(name, pen.G)
     lo = max(float(pen.lower), -50.0)
     hi = min(float(pen.upper), 50.0)
     for z, s in [(-2.0, 0.5), (0.3, 0.1), (1.7, 2.0), (0.9, 1e-3), (-0.4, 10.0)]:
         got = float(pen.prox_G(jnp.asarray(z), jnp.asarray(s)))
-        obj = lambda v: s * float(pen.G(v)) + 0.5 * (v - z) ** 2  # noqa: E731
+        obj = lambda v: s * float(g_ref(v)) + 0.5 * (v - z) ** 2  # noqa: E731
         res = optimize.minimize_scalar(obj, bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
         assert obj(got) <= res.fun + 1e-9
         assert lo - 1e-12 <= got <= hi + 1e-12
