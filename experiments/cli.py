@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
 from experiments.workdir import WorkdirError
 from fenchel.data import DataError

@@ -398,7 +398,8 @@ def test_cli_file_errors_are_one_line(tmp_path):
     bad.write_text("def get_config(:\n")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    cases = [(["--config", "configs/nope.py", "--workdir", str(tmp_path / "w")], "config file configs/nope.py not found"),
+    cases = [(["--config", "configs/nope.py", "--workdir", str(tmp_path / "w")],
+              "config file configs/nope.py not found"),
              (["--config", str(bad), "--workdir", str(tmp_path / "w")], "syntax error in"),
              (["--config", "configs/tiny.py", "--workdir", str(a_file)], "is a file"),
              (["--config", "configs/tiny.py", "--workdir", str(a_file / "sub")], str(a_file))]
