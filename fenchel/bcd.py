@@ -29,7 +29,7 @@ from fenchel import blocks
 from fenchel.blocks import SolverConfig
 from fenchel.layers import W_FORMS
 from fenchel.lifted import LOSSES, broadcast_per_layer, forward, loss_per_sample, objective_terms, preactivation
-from fenchel.penalties import get_penalty
+from fenchel.penalties import activation_penalty
 from fenchel.solvers import Result
 from fenchel.trainer import StepInfo, Trainer
 
@@ -97,8 +97,7 @@ class LiftedConfig:
 
     @property
     def penalty(self):
-        params = {"negative_slope": self.negative_slope} if self.activation == "leaky_relu" else {}
-        return get_penalty(self.activation, self.lifting, **params)
+        return activation_penalty(self.activation, self.negative_slope, self.lifting)
 
     @property
     def x_solver(self) -> SolverConfig:

@@ -381,24 +381,3 @@ def load_dataset(
         tr_x, va_x, te_x = (a.reshape(a.shape[0], int(np.prod(a.shape[1:]))) for a in (tr_x, va_x, te_x))
     cast = np.ascontiguousarray
     return Dataset(cast(tr_x), cast(tr_y), cast(va_x), cast(va_y), cast(te_x), cast(te_y), num_classes)
-
-
-def epoch_batches(key, n: int, batch_size: int):
-    """Index arrays of one epoch's minibatches: a seeded permutation of range(n),
-    cut into n // batch_size batches (the last partial batch is dropped)."""
-    if batch_size < 1 or batch_size > n:
-        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
-    import jax  # local: the loaders themselves need only numpy
-
-    perm = jax.random.permutation(key, n)
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
-
-
-def check_finite(*arrays, names=None):
-    """Raise ValueError naming the first array that holds NaN or inf."""
-    for i, a in enumerate(arrays):
-        if not np.all(np.isfinite(a)):
-            label = names[i] if names else f"array {i}"
-            raise ValueError(f"{label} contains NaN or inf")
-
-

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fenchel.penalties import get_penalty
+from fenchel.penalties import activation_penalty
 
 
 class Network(nn.Module):
@@ -34,8 +34,7 @@ class Network(nn.Module):
 
 def make_network(layers: Sequence, activation: str = "relu", negative_slope: float = 0.01) -> Network:
     """The flax network of `layers` with the lifted activation's forward map φ."""
-    params = {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
-    return Network(layers=tuple(layers), activation=get_penalty(activation, **params).forward)
+    return Network(layers=tuple(layers), activation=activation_penalty(activation, negative_slope).forward)
 
 
 def to_flax(params: Sequence[dict]) -> dict:

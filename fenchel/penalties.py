@@ -312,6 +312,12 @@ def get_penalty(activation: str, lifting: str = "fenchel", **params) -> Penalty:
         raise ValueError(f"bad parameters {params} for activation {activation!r}: {err}") from None
 
 
+def activation_penalty(activation: str, negative_slope: float = 0.01, lifting: str = "fenchel") -> Penalty:
+    """The penalty of a network's activation; negative_slope is used by leaky_relu only."""
+    params = {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
+    return get_penalty(activation, lifting, **params)
+
+
 def penalty(activation: str, u: Array, v: Array, **params) -> Array:
     """Elementwise Fenchel–Young penalty B_φ(u, v) = F(u) + F*(v) − u·v.
 
