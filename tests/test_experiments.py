@@ -422,3 +422,22 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert proc.returncode == 130
     assert "interrupted; relaunch the same command to resume" in err.strip().splitlines()[-1]
     assert Workdir(tmp_path / "w").load_checkpoint() is not None
+
+
+def test_parameter_history_is_recorded_without_changing_the_run(tmp_path):
+    from experiments.workdir import read_history
+
+    config = tiny(trainer="fenchel", warm_start_epochs=0, train_size=400)  # 4 steps per epoch, 2 epochs
+    plain = train_and_evaluate(config, tmp_path / "plain")
+    config.record_every = 3
+    recorded = train_and_evaluate(config, tmp_path / "rec", max_epochs_this_run=1)  # an interruption too
+    recorded = train_and_evaluate(config, tmp_path / "rec")
+    assert recorded["test_accuracy"] == plain["test_accuracy"]
+    losses = [[r["train_loss"] for r in records(tmp_path / name)] for name in ("rec", "plain")]
+    assert losses[0] == losses[1]
+    steps, arrays = read_history(tmp_path / "rec")
+    assert steps.tolist() == [0, 3, 6]
+    assert arrays["layer_0/kernel"].shape == (3, 784, 32) and arrays["layer_0/kernel"].dtype == np.float32
+    job = Job(config)
+    np.testing.assert_array_equal(arrays["layer_1/bias"][0], np.asarray(job.params0[1]["bias"], np.float32))
+    assert not np.array_equal(arrays["layer_0/kernel"][1], arrays["layer_0/kernel"][0])
