@@ -41,7 +41,7 @@ from fenchel.data import DATASETS, load_dataset
 from fenchel.layers import Dense, architecture_name, init_params, parse_layers
 from fenchel.lifted import LOSSES, loss_per_sample
 from fenchel.models import evaluate, make_network, to_flax
-from fenchel.penalties import ACTIVATIONS, get_penalty
+from fenchel.penalties import ACTIVATIONS, activation_penalty
 
 NOT_IDENTITY = ("progress",)  # fields that may change between launches of one run
 PENALTY_TOLERANCE = 1e-6  # a logged penalty below −this is a numerical breakdown (B ≥ 0 in exact arithmetic)
@@ -121,8 +121,7 @@ class Job:
         self.layers = (*hidden, Dense(int(data.num_classes)))
         self.in_shape = data.x_train.shape[1:]
         self.architecture = architecture_name(self.layers, self.in_shape)
-        params = {"negative_slope": c.negative_slope} if c.activation == "leaky_relu" else {}
-        self.penalty = get_penalty(c.activation, **params)
+        self.penalty = activation_penalty(c.activation, c.negative_slope)
         self.model = make_network(self.layers, c.activation, c.negative_slope)
         self.x_train = jnp.asarray(data.x_train)
         self.labels_train = jnp.asarray(data.y_train)
