@@ -85,23 +85,28 @@ class Penalty:
 
 # ---------------------------------------------------------------- scalar root
 def _monotone_root(fn, dfn, lo, hi, iters: int = 40):
-    """Safeguarded Newton for the root of an increasing fn on [lo, hi].
+    """Safeguarded Newton (rtsafe) for the root of an increasing fn on the bracket [lo, hi].
 
+    A Newton step is taken only when it stays inside the bracket and moves less
+    than half the step before it; otherwise the bracket is bisected. So the
+    bracket at least halves every two iterations (no bouncing between its
+    sides), and Newton's quadratic convergence takes over near the root.
     Elementwise and fixed-iteration (fori_loop), so it vectorises and jits.
     """
 
     def body(_, carry):
-        t, lo, hi = carry
+        t, lo, hi, last_step = carry
         f = fn(t)
         lo = jnp.where(f < 0, t, lo)
         hi = jnp.where(f > 0, t, hi)
         newton = t - f / dfn(t)
-        inside = (newton > lo) & (newton < hi)
-        t = jnp.where(inside, newton, 0.5 * (lo + hi))
-        return t, lo, hi
+        accept = (newton > lo) & (newton < hi) & (jnp.abs(newton - t) < 0.5 * last_step)
+        t_next = jnp.where(accept, newton, 0.5 * (lo + hi))
+        t_next = jnp.where(f == 0, t, t_next)
+        return t_next, lo, hi, jnp.abs(t_next - t)
 
     t0 = 0.5 * (lo + hi)
-    t, _, _ = jax.lax.fori_loop(0, iters, body, (t0, lo, hi))
+    t, _, _, _ = jax.lax.fori_loop(0, iters, body, (t0, lo, hi, jnp.abs(hi - lo)))
     return t
 
 

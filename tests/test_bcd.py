@@ -166,32 +166,60 @@ def test_parallel_x_step_half_sweeps():
     assert float(jnp.max(jnp.abs(new[1] - jacobi))) > 1e-3
 
 
-def test_sequential_x_step_is_gauss_seidel_from_the_last_layer():
+# ---------------------------------------------------------------- blocks of the lifted objective
+# per-layer values everywhere (distinct), so that a block reading another layer's λ, ρ or ρ' fails
+LAMBDAS, RHOS, PROXES = (1.0, 0.5, 2.0), (1e-3, 2e-3, 3e-3, 4e-3), (0.5, 0.3, 0.2, 0.1)
+TIGHT = dict(lambdas=LAMBDAS, rho=RHOS, rho_prox=PROXES, x_tol=1e-10, x_max_steps=20000, w_tol=1e-10,
+             w_max_steps=20000)
+
+
+def tanh_off_graph(params, x, seed):
+    """Hidden activations near the forward pass but off the graph of tanh, inside (−1, 1)."""
+    rng = np.random.default_rng(seed)
+    return [np.tanh(np.arctanh(z) + 0.3 * rng.normal(size=z.shape)) for z in np_forward("tanh", params, x)[0]]
+
+
+def np_grad_x_leaky(l, params, xs, x0, y):
+    """N·∂F/∂X_l (leaky ReLU, softmax): λ_{l−1}((F*)'(X_l) − U_{l−1}) + λ_l (φ(U_l) − X_{l+1}) W_lᵀ, or, for the last
+    hidden layer, + (softmax(U_L) − Y) W_Lᵀ; ∂B/∂v = (F*)'(v) − u = φ⁻¹(v) − u, ∂B/∂u = φ(u) − v."""
+    p, inputs = as_np(params), [np.asarray(x0), *xs]
+    u_prev = inputs[l - 1] @ p[l - 1][0] + p[l - 1][1]
+    u_next = inputs[l] @ p[l][0] + p[l][1]
+    v = inputs[l]
+    g = LAMBDAS[l - 1] * (np.where(v >= 0, v, v / SLOPE) - u_prev)
+    if l < len(p) - 1:
+        return g + LAMBDAS[l] * (np_phi("leaky_relu", u_next) - inputs[l + 1]) @ p[l][0].T
+    return g + np_softmax_ce(np.asarray(y), u_next)[1] @ p[l][0].T
+
+
+def test_sequential_x_step_minimises_each_block():
+    """Sequential schedule (Gauss–Seidel from the last layer): X_3 minimises F given the old X_2, X_2 given the new X_3
+    and the old X_1, X_1 given the new X_2; by the hand-written gradient of F in X_l (leaky ReLU: no constraint, so
+    the gradient vanishes). A wrong order, a Jacobi sweep or a block with another layer's λ fails."""
     x, _, y = toy()
-    params = init(4)
-    tr = trainer(schedule="sequential")
-    blocks = trainer(schedule="parallel")  # the schedule does not enter a single block; its x_block is compiled already
-    old = perturbed_forward(params, x)
-    new, _ = tr.x_step(params, old, x, y)
-    xs = list(old)
-    for l in (3, 2, 1):
-        xs[l - 1], _ = blocks.x_block(l, params, xs, x, y)
-    for got, want in zip(new, xs):
-        np.testing.assert_allclose(got, want, atol=1e-12)
-    assert float(jnp.max(jnp.abs(new[0] - blocks.x_block(1, params, old, x, y)[0]))) > 1e-3
+    tr = trainer(activation="leaky_relu", **TIGHT)
+    params = init(2)
+    rng = np.random.default_rng(10)
+    old = [z + 0.3 * rng.normal(size=z.shape) for z in np_forward("leaky_relu", params, x)[0]]  # off the graph
+    new, infos = tr.x_step(params, [jnp.asarray(z) for z in old], x, y)
+    new = [np.asarray(z) for z in new]
+    assert all(np.all(np.asarray(i.result) == 0) for i in infos)  # Result.CONVERGED
+    seen = {3: [old[0], old[1], new[2]], 2: [old[0], new[1], new[2]], 1: new}  # the X each block was solved with
+    for l, xs in seen.items():
+        assert np.max(np.abs(np_grad_x_leaky(l, params, xs, x, y))) <= 1e-7, l
+    # X_1 did not see the old X_2
+    assert np.max(np.abs(np_grad_x_leaky(1, params, [new[0], old[1], old[2]], x, y))) > 1e-3
 
 
-# ---------------------------------------------------------------- W step
 def test_w_step_solves_every_block():
     """Each W block of w_step is the minimiser of its own objective (per-layer λ, ρ, ρ', anchor), by SciPy."""
     x, _, y = toy()
-    lambdas, rhos, proxes = (1.0, 0.5, 2.0), (1e-3, 2e-3, 3e-3, 4e-3), (0.5, 0.3, 0.2, 0.1)
-    tr = trainer(activation="tanh", lambdas=lambdas, rho=rhos, rho_prox=proxes, w_tol=1e-10, w_max_steps=20000)
+    lambdas, rhos, proxes = LAMBDAS, RHOS, PROXES
+    tr = trainer(activation="tanh", **TIGHT)
     params, anchors = init(2), init(3)
-    rng = np.random.default_rng(9)
-    xs = [np.tanh(np.arctanh(z) + 0.3 * rng.normal(size=z.shape))
-          for z in np_forward("tanh", params, x)[0]]  # off the graph, inside (−1, 1)
+    xs = tanh_off_graph(params, x, 9)
     new, infos = tr.w_step(params, [jnp.asarray(z) for z in xs], x, y, anchors, False)
+    assert all(int(i.result) == 0 for i in infos)  # Result.CONVERGED
     inputs = [np.asarray(x), *xs]
     n = x.shape[0]
     for l, p in enumerate(new):
