@@ -38,7 +38,7 @@ from experiments import loop
 from experiments.trainers import TRAINERS
 from experiments.workdir import ParamHistory, Workdir, WorkdirError, config_hash
 from fenchel.data import DATASETS, load_dataset
-from fenchel.layers import Dense, architecture_name, init_params, parse_layers
+from fenchel.layers import Dense, architecture_name, init_params, parse_layers, trailing_pool
 from fenchel.lifted import LOSSES, loss_per_sample
 from fenchel.models import evaluate, make_network, to_flax
 from fenchel.penalties import ACTIVATIONS, activation_penalty
@@ -118,8 +118,13 @@ class Job:
             raise ValueError(f"bad config: batch_size={c.batch_size} exceeds the {n} training examples")
         self.steps_per_epoch = n // c.batch_size
         self.total_epochs = c.total_epochs or -(-c.total_steps // self.steps_per_epoch)
-        self.layers = (*hidden, Dense(int(data.num_classes)))
+        self.layers = (*hidden, Dense(int(data.num_classes), pool=trailing_pool(c.layers)))
         self.in_shape = data.x_train.shape[1:]
+        try:
+            init_params(jax.random.PRNGKey(0), self.layers, self.in_shape)  # shape checks, before any training
+        except ValueError as err:
+            raise ValueError(f"bad config: layers={c.layers!r} do not fit the {c.dataset} inputs of shape "
+                             f"{tuple(self.in_shape)}: {err}") from None
         self.architecture = architecture_name(self.layers, self.in_shape)
         self.penalty = activation_penalty(c.activation, c.negative_slope)
         self.model = make_network(self.layers, c.activation, c.negative_slope)

@@ -7,12 +7,18 @@ on the layer type:
   init(key, in_shape, dtype)   parameters {"kernel", "bias"} (LeCun-normal kernel, zero bias)
   out_shape(in_shape)          shape of U_l for one sample
   linear_map(x, kernel)        A(X; W), sample axis leading
+  patches(x)                   the matrix Z with A(X; W) = Z · W.reshape(-1, features) (rows: samples ×
+                               output positions), used by the preconditioned W solvers
   flax_layer(x, name)          the same affine map as a flax layer, inside a compact module
   w_forms                      the W-block solver forms it supports (see `fenchel.blocks`)
   w_form(requested, x_in, mu)  the form a W block uses ("auto" resolved)
 
-Adding a layer type (e.g. convolution) is one class here plus its name in
-`LAYER_TYPES`; the blocks, objective and trainers only call the methods above.
+Average pooling (window = stride = `pool`) of a layer's input is folded into
+its linear map, as the authors do: the lifted variable X holds the un-pooled
+post-activation maps and every block stays convex.
+
+Adding a layer type is one class here plus its name in `LAYER_TYPES`; the
+blocks, objective and trainers only call the methods above.
 """
 
 from __future__ import annotations
@@ -23,25 +29,50 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-W_FORMS = ("auto", "primal", "kernel", "kernel_mm")
+W_FORMS = ("auto", "primal", "primal_mm", "kernel", "kernel_mm")
+
+
+def _positive_int(value, what):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _pool_shape(in_shape, pool: int) -> tuple:
+    """Shape of one sample after average pooling its (H, W, C) map by `pool`."""
+    if pool == 1:
+        return tuple(in_shape)
+    if len(in_shape) != 3 or in_shape[0] % pool or in_shape[1] % pool:
+        raise ValueError(f"average pooling by {pool} needs an (H, W, C) input with H and W divisible by {pool}, "
+                         f"got {tuple(in_shape)}")
+    return (in_shape[0] // pool, in_shape[1] // pool, in_shape[2])
+
+
+def avg_pool(x: jax.Array, pool: int) -> jax.Array:
+    """Average pooling of NHWC maps over non-overlapping pool×pool windows."""
+    if pool == 1:
+        return x
+    n, h, w, c = x.shape
+    return x.reshape(n, h // pool, pool, w // pool, pool, c).mean(axis=(2, 4))
 
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """Fully connected layer U = flatten(X) W + b; a multi-axis input is flattened first."""
+    """Fully connected layer U = flatten(pool(X)) W + b; a multi-axis input is (pooled and) flattened first."""
 
     features: int
+    pool: int = 1
     kind = "dense"
     w_forms = W_FORMS
 
     def __post_init__(self):
-        if not isinstance(self.features, int) or isinstance(self.features, bool) or self.features < 1:
-            raise ValueError(f"dense layer needs a positive integer width, got {self.features!r}")
+        _positive_int(self.features, "a dense layer's width")
+        _positive_int(self.pool, "pool")
 
     def fan_in(self, in_shape: Sequence[int]) -> int:
         size = 1
-        for d in in_shape:
+        for d in _pool_shape(in_shape, self.pool):
             size *= int(d)
         return size
 
@@ -54,20 +85,24 @@ class Dense:
         del in_shape
         return (self.features,)
 
+    def patches(self, x: jax.Array) -> jax.Array:
+        """Z = flatten(pool(X)), one row per sample."""
+        x = avg_pool(x, self.pool) if self.pool > 1 else x
+        return x.reshape(x.shape[0], -1)
+
     def linear_map(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        """A(X; W) = flatten(X) W."""
-        return x.reshape(x.shape[0], -1) @ kernel
+        """A(X; W) = flatten(pool(X)) W."""
+        return self.patches(x) @ kernel
 
     def flax_layer(self, x: jax.Array, name: str) -> jax.Array:
+        if self.pool > 1:
+            x = nn.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
         return nn.Dense(self.features, name=name)(x.reshape(x.shape[0], -1))
 
     def w_form(self, requested: str, x_in: jax.Array, mu) -> str:
         """"auto": kernel_mm when N ≤ n_in and the block is strongly convex (μ > 0), kernel when μ = 0,
         primal when N > n_in (the N×N kernel would cost more than the n_in×n_in primal work)."""
-        if requested not in self.w_forms:
-            raise ValueError(f"unknown w_mode {requested!r}; known: {', '.join(self.w_forms)}")
-        if requested == "kernel_mm" and not mu > 0:
-            raise ValueError("w_mode='kernel_mm' needs ρ + ρ' > 0 (a strongly convex W block)")
+        _check_form(self, requested, mu)
         if requested != "auto":
             return requested
         n, n_in = x_in.shape[0], self.fan_in(x_in.shape[1:])
@@ -76,26 +111,144 @@ class Dense:
         return "kernel_mm" if mu > 0 else "kernel"
 
 
-LAYER_TYPES = {"dense": Dense}
+def _check_form(spec, requested: str, mu) -> None:
+    if requested not in spec.w_forms:
+        raise ValueError(f"unknown w_mode {requested!r} for a {spec.kind} layer; known: {', '.join(spec.w_forms)}")
+    if requested == "kernel_mm" and not mu > 0:
+        raise ValueError("w_mode='kernel_mm' needs ρ + ρ' > 0 (a strongly convex W block)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """2-D convolution U = conv(pool(X), W) + b on NHWC maps; kernel (k, k, C_in, features) (flax's HWIO).
+
+    stride and padding ("VALID" or "SAME") as in `jax.lax.conv_general_dilated`;
+    pool: average pooling of the input folded into the map.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: str = "VALID"
+    pool: int = 1
+    kind = "conv"
+    w_forms = ("auto", "primal", "primal_mm")
+
+    def __post_init__(self):
+        _positive_int(self.features, "a conv layer's number of features")
+        _positive_int(self.kernel_size, "kernel_size")
+        _positive_int(self.stride, "stride")
+        _positive_int(self.pool, "pool")
+        if self.padding not in ("VALID", "SAME"):
+            raise ValueError(f"padding must be 'VALID' or 'SAME', got {self.padding!r}")
+
+    def _check_input(self, in_shape) -> tuple:
+        if len(in_shape) != 3:
+            raise ValueError(f"a conv layer needs (H, W, C) inputs, got a sample shape {tuple(in_shape)}")
+        return _pool_shape(in_shape, self.pool)
+
+    def init(self, key: jax.Array, in_shape: Sequence[int], dtype=jnp.float32) -> dict:
+        """LeCun-normal kernel (k, k, C_in, features) and zero bias, as flax.linen.Conv."""
+        c_in = self._check_input(in_shape)[2]
+        shape = (self.kernel_size, self.kernel_size, c_in, self.features)
+        return {"kernel": jax.nn.initializers.lecun_normal()(key, shape, dtype),
+                "bias": jnp.zeros((self.features,), dtype)}
+
+    def out_shape(self, in_shape: Sequence[int]) -> tuple:
+        h, w, _ = self._check_input(in_shape)
+        k, s = self.kernel_size, self.stride
+        if self.padding == "SAME":
+            return (-(-h // s), -(-w // s), self.features)
+        if h < k or w < k:
+            raise ValueError(f"a {k}×{k} VALID convolution needs maps of at least {k}×{k}, got {h}×{w}")
+        return ((h - k) // s + 1, (w - k) // s + 1, self.features)
+
+    def fan_in(self, in_shape: Sequence[int]) -> int:
+        return self.kernel_size * self.kernel_size * self._check_input(in_shape)[2]
+
+    def linear_map(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """A(X; W) = conv(pool(X), W), NHWC × HWIO → NHWC."""
+        return lax.conv_general_dilated(avg_pool(x, self.pool), kernel, (self.stride, self.stride), self.padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def patches(self, x: jax.Array) -> jax.Array:
+        """Z with rows (sample, output position) and columns (kh, kw, c) in kernel order: A(X; W) = Z W_flat."""
+        k = self.kernel_size
+        z = lax.conv_general_dilated_patches(avg_pool(x, self.pool), (k, k), (self.stride, self.stride),
+                                             self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        n, h, w, _ = z.shape
+        c = z.shape[-1] // (k * k)
+        return z.reshape(n, h, w, c, k, k).transpose(0, 1, 2, 4, 5, 3).reshape(n * h * w, k * k * c)
+
+    def flax_layer(self, x: jax.Array, name: str) -> jax.Array:
+        if self.pool > 1:
+            x = nn.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
+        k, s = self.kernel_size, self.stride
+        return nn.Conv(self.features, (k, k), strides=(s, s), padding=self.padding, name=name)(x)
+
+    def w_form(self, requested: str, x_in: jax.Array, mu) -> str:
+        """"auto": primal_mm (FISTA preconditioned by the exact (k²C_in+1)² majoriser)."""
+        del x_in
+        _check_form(self, requested, mu)
+        return "primal_mm" if requested == "auto" else requested
+
+
+LAYER_TYPES = {"dense": Dense, "conv": Conv}
+_SYNTAX = ("'dense:WIDTH', 'conv:FEATURES:KERNEL[:STRIDE][:same|valid]', and 'pool:P' (average pooling folded "
+           "into the next layer)")
+
+
+def _parse_item(item: str, pool: int):
+    kind, *args = item.split(":")
+    try:
+        if kind == "dense" and len(args) == 1:
+            return Dense(int(args[0]), pool=pool)
+        if kind == "conv" and 2 <= len(args) <= 4:
+            padding = "VALID"
+            if args[-1].lower() in ("same", "valid"):
+                padding = args.pop().upper()
+            stride = int(args[2]) if len(args) == 3 else 1
+            return Conv(int(args[0]), int(args[1]), stride=stride, padding=padding, pool=pool)
+    except ValueError as err:
+        raise ValueError(f"layers: {item!r}: {err}") from None
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"layers: unknown layer type {kind!r} in {item!r}; known: {_SYNTAX}")
+    raise ValueError(f"layers: {item!r} does not fit the syntax {_SYNTAX}")
 
 
 def parse_layers(spec: str) -> tuple:
-    """"dense:300,dense:100" → (Dense(300), Dense(100)); the output layer is added by `network`."""
+    """"conv:6:5:same,pool:2,conv:16:5,pool:2,dense:120" → layer specs; the output layer is added by the caller.
+
+    'dense:WIDTH'; 'conv:FEATURES:KERNEL[:STRIDE][:same|valid]'; 'pool:P' sets the average pooling
+    folded into the next layer (a trailing pool goes to the output layer: see `output_layer`).
+    """
     if not isinstance(spec, str):
         raise ValueError(f"layers must be a string like 'dense:300,dense:100', got {spec!r}")
-    out = []
+    out, pool = [], 1
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        kind, _, arg = item.partition(":")
-        if kind not in LAYER_TYPES:
-            raise ValueError(f"layers: unknown layer type {kind!r} in {item!r}; known: {', '.join(LAYER_TYPES)}")
-        try:
-            width = int(arg)
-        except ValueError:
-            raise ValueError(f"layers: {item!r} needs an integer width, e.g. '{kind}:300'") from None
-        out.append(LAYER_TYPES[kind](width))
+        if item.startswith("pool:"):
+            try:
+                pool = int(item[5:])
+                _positive_int(pool, "pool")
+            except ValueError:
+                raise ValueError(f"layers: {item!r} needs a positive integer, e.g. 'pool:2'") from None
+            continue
+        if item.split(":")[0] == "dense" and len(item.split(":")) == 2:
+            try:
+                int(item.split(":")[1])
+            except ValueError:
+                raise ValueError(f"layers: {item!r} needs an integer width, e.g. 'dense:300'") from None
+        out.append(_parse_item(item, pool))
+        pool = 1
     return tuple(out)
+
+
+def trailing_pool(spec: str) -> int:
+    """The pooling a layer string leaves for the output layer ('…,pool:2' at the end), else 1."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    return int(items[-1][5:]) if items and items[-1].startswith("pool:") else 1
 
 
 def mlp(sizes: Sequence[int]) -> tuple:
@@ -113,9 +266,15 @@ def init_params(key: jax.Array, layers: Sequence, in_shape: Sequence[int], dtype
     return params
 
 
+def _layer_name(layer) -> str:
+    pool = f"p{layer.pool}-" if layer.pool > 1 else ""
+    if layer.kind == "conv":
+        return f"{pool}c{layer.features}x{layer.kernel_size}" + (f"s{layer.stride}" if layer.stride > 1 else "")
+    return f"{pool}{layer.features}"
+
+
 def architecture_name(layers: Sequence, in_shape: Sequence[int]) -> str:
-    """"784-300-10" for dense networks (input size, then each layer's width)."""
-    size = 1
-    for d in in_shape:
-        size *= int(d)
-    return "-".join([str(size)] + [str(getattr(layer, "features", layer.kind)) for layer in layers])
+    """"784-300-10" for dense networks (input size, then each layer's width); conv layers read "c6x5",
+    a folded pooling "p2-"; image inputs read "28x28x1"."""
+    first = "x".join(str(int(d)) for d in in_shape) if len(in_shape) > 1 else str(int(in_shape[0]))
+    return "-".join([first] + [_layer_name(layer) for layer in layers])
