@@ -1,0 +1,256 @@
+"""Loss Change Allocation: Simpson allocations against hand-derived integrals, the adaptive loop, sums, end to end."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import lca
+from experiments.configs_util import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _exp_grad(theta):
+    return jnp.exp(theta)
+
+
+def _exp_loss(theta):
+    return jnp.sum(jnp.exp(theta))
+
+
+def _simpson_exp_by_hand(a, d, n):
+    """Σ_i d_i × composite Simpson (n sub-intervals) of ∫₀¹ exp(a_i + s d_i) ds, in numpy."""
+    s = np.linspace(0.0, 1.0, 2 * n + 1)
+    w = np.zeros(2 * n + 1)
+    for j in range(n):
+        w[2 * j:2 * j + 3] += np.array([1.0, 4.0, 1.0]) / (6.0 * n)
+    return np.sum(d * (np.exp(a[:, None] + s[None, :] * d[:, None]) @ w))
+
+
+def test_cubic_is_exact_with_one_split_per_coordinate():
+    """L = θ0³ + 2θ0θ1² + 3θ1 + θ0θ2²: ∫₀¹ of each partial along θ(s) = a + s d is derived by hand."""
+    def loss(t):
+        return t[0] ** 3 + 2 * t[0] * t[1] ** 2 + 3 * t[1] + t[0] * t[2] ** 2
+
+    a = np.array([0.3, -1.2, 0.7])
+    b = np.array([-0.9, 0.4, 2.1])
+    d = b - a
+
+    def sq(j):  # ∫₀¹ (a_j + s d_j)² ds
+        return a[j] ** 2 + a[j] * d[j] + d[j] ** 2 / 3
+
+    def prod(i, j):  # ∫₀¹ (a_i + s d_i)(a_j + s d_j) ds
+        return a[i] * a[j] + (a[i] * d[j] + a[j] * d[i]) / 2 + d[i] * d[j] / 3
+
+    exact = d * np.array([3 * sq(0) + 2 * sq(1) + sq(2), 4 * prod(0, 1) + 3, 2 * prod(0, 2)])
+    result, splits, delta = lca.allocate_segment(jax.grad(loss), loss, a, b, tol=1e-12, max_splits=32)
+    assert splits == 1
+    np.testing.assert_allclose(result, exact, rtol=0, atol=1e-12)
+    assert delta == pytest.approx(float(loss(b) - loss(a)), abs=1e-12)
+    assert abs(result.sum() - delta) < 1e-10
+
+
+def test_quadratic_simpson_exact_first_order_misses_half_curvature():
+    """L = ½θᵀHθ + gᵀθ: Simpson gives Δθ_i (H θ_mid + g)_i; Δθ·∇L(θ_0) misses ΔL by ½ΔθᵀHΔθ."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(6, 6))
+    H = m @ m.T + np.eye(6)
+    g = rng.normal(size=6)
+    t0, t1 = rng.normal(size=6), rng.normal(size=6)
+    d = t1 - t0
+
+    def loss(t):
+        return 0.5 * t @ jnp.asarray(H) @ t + jnp.asarray(g) @ t
+
+    delta = 0.5 * t1 @ H @ t1 + g @ t1 - 0.5 * t0 @ H @ t0 - g @ t0
+    result, splits, dL = lca.allocate_segment(jax.grad(loss), loss, t0, t1, tol=1e-12)
+    assert splits == 1
+    np.testing.assert_allclose(result, d * (H @ (t0 + t1) / 2 + g), rtol=0, atol=1e-12)
+    assert result.sum() == pytest.approx(delta, abs=1e-10)
+    assert dL == pytest.approx(delta, abs=1e-10)
+    first = lca.first_order_allocation(jax.grad(loss), t0, t1)
+    np.testing.assert_allclose(first, d * (H @ t0 + g), rtol=0, atol=1e-12)
+    assert delta - first.sum() == pytest.approx(0.5 * d @ H @ d, abs=1e-10)
+    assert abs(0.5 * d @ H @ d) > 1e-2  # the gap is real, not zero by accident
+
+
+def test_error_falls_sixteenfold_per_doubling():
+    """Simpson's error is O(h⁴): for exp (per coordinate, exact integral e^b − e^a) and Σ log cosh(Aθ)."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=5), rng.normal(size=5) + 1.0
+    errors = [np.max(np.abs(lca.simpson_allocation(_exp_grad, a, b, n) - (np.exp(b) - np.exp(a))))
+              for n in (1, 2, 4, 8)]
+    ratios = np.array(errors[:-1]) / np.array(errors[1:])
+    assert np.all((ratios > 10) & (ratios < 20)), ratios
+
+    A = rng.normal(size=(4, 5))
+
+    def logcosh(t):
+        return jnp.sum(jnp.log(jnp.cosh(jnp.asarray(A) @ t)))
+
+    exact = np.sum(np.log(np.cosh(A @ b))) - np.sum(np.log(np.cosh(A @ a)))
+    errors = [abs(lca.simpson_allocation(jax.grad(logcosh), a, b, n).sum() - exact) for n in (4, 8, 16, 32)]
+    ratios = np.array(errors[:-1]) / np.array(errors[1:])
+    assert np.all((ratios > 10) & (ratios < 20)), (errors, ratios)
+
+
+def test_adaptive_loop_stops_at_the_smallest_power_of_two_and_respects_max_splits():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=4), rng.normal(size=4) + 1.5
+    delta = np.sum(np.exp(b) - np.exp(a))
+    err = {n: abs(_simpson_exp_by_hand(a, b - a, n) - delta) for n in (1, 2, 4, 8, 16)}
+    assert err[1] > err[2] > err[4] > err[8]
+    tol = np.sqrt(err[2] * err[4])  # met at 4, not at 2
+    _, splits, _ = lca.allocate_segment(_exp_grad, _exp_loss, a, b, tol=tol, max_splits=32)
+    assert splits == 4
+    _, splits, _ = lca.allocate_segment(_exp_grad, _exp_loss, a, b, tol=10 * err[1], max_splits=32)
+    assert splits == 1
+    result, splits, _ = lca.allocate_segment(_exp_grad, _exp_loss, a, b, tol=0.0, max_splits=8)
+    assert splits == 8
+    assert abs(result.sum() - delta) == pytest.approx(err[8], rel=1e-6)
+    with pytest.raises(ValueError, match="power of 2"):
+        lca.allocate_segment(_exp_grad, _exp_loss, a, b, max_splits=6)
+
+    calls = []  # gradients at shared nodes are reused: n splits cost 2n + 1 points (2n with a known start)
+
+    def counted(points):
+        calls.append(len(points))
+        return np.sum(np.exp(points), axis=1), np.exp(points)
+
+    _, splits, _, end, _ = lca.simpson_segment(counted, a, b, tol=tol, max_splits=32)
+    assert splits == 4 and sum(calls) == 9
+    np.testing.assert_allclose(end[1], np.exp(b))
+    calls.clear()
+    _, splits, dL, _, _ = lca.simpson_segment(counted, a, b, tol=tol, max_splits=32, start=(np.sum(np.exp(a)),
+                                                                                            np.exp(a)))
+    assert splits == 4 and sum(calls) == 8 and dL == pytest.approx(delta)
+
+
+def test_layer_and_neuron_sums_add_up():
+    shapes = {"layer_1/bias": (2,), "layer_0/kernel": (3, 4), "layer_1/kernel": (4, 2), "layer_0/bias": (4,)}
+    layout = lca.Layout(shapes)
+    assert layout.size == 12 + 4 + 8 + 2 and layout.widths == [4, 2]
+    rng = np.random.default_rng(3)
+    arrays = {k: rng.normal(size=(5, *s)) for k, s in shapes.items()}  # 5 "iterations"
+    flat = np.stack([layout.flatten(arrays, t) for t in range(5)])
+    params = layout.unflatten(flat[2])
+    np.testing.assert_array_equal(params[1]["kernel"], arrays["layer_1/kernel"][2])
+    np.testing.assert_array_equal(params[0]["bias"], arrays["layer_0/bias"][2])
+    layers = layout.layer_sums(flat)
+    neurons = layout.neuron_sums(flat)
+    for i in range(2):
+        k, bias = arrays[f"layer_{i}/kernel"], arrays[f"layer_{i}/bias"]
+        np.testing.assert_allclose(layers[:, i], k.sum(axis=(1, 2)) + bias.sum(axis=1))
+        np.testing.assert_allclose(neurons[i], k.sum(axis=1) + bias)
+        np.testing.assert_allclose(neurons[i].sum(axis=1), layers[:, i])
+    np.testing.assert_allclose(layers.sum(axis=1), flat.sum(axis=1))
+    with pytest.raises(ValueError, match="kernel and bias"):
+        lca.Layout({"layer_0/kernel": (3, 4)})
+
+
+def test_path_on_an_analytic_loss_chains_segments():
+    """allocate_path: Σ_t LCA_t = L(θ_T) − L(θ_0), the losses at every point, fractions helping."""
+    layout = lca.Layout({"layer_0/kernel": (2, 2), "layer_0/bias": (2,)})
+    rng = np.random.default_rng(4)
+    traj = np.cumsum(rng.normal(scale=0.3, size=(5, 6)), axis=0)
+
+    def value_and_grads(points):
+        return np.sum(np.exp(points), axis=1), np.exp(points)
+
+    out, full = lca.allocate_path(value_and_grads, traj, layout, tol=1e-9, max_splits=64, full=True)
+    np.testing.assert_allclose(out["loss"], np.exp(traj).sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(out["delta_L"], np.diff(np.exp(traj).sum(axis=1)), rtol=1e-12)
+    np.testing.assert_allclose(out["total"], out["delta_L"], atol=1e-9)
+    np.testing.assert_allclose(out["fraction_helping"], np.mean(np.diff(traj, axis=0) < 0, axis=1))
+    np.testing.assert_allclose(out["cumulative_layer"][-1, 0], np.exp(traj[-1]).sum() - np.exp(traj[0]).sum(),
+                               atol=1e-8)
+    np.testing.assert_allclose(full.sum(axis=1), out["total"], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from experiments.train import train_and_evaluate
+
+    config = load_config(ROOT / "configs" / "tiny.py")
+    config.trainer = "adam"
+    config.record_every = 5
+    config.train_size = 400
+    config.total_epochs = 2
+    config.progress = False
+    workdir = tmp_path_factory.mktemp("lca") / "run"
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_end_to_end_on_a_tiny_run(tiny_run):
+    from experiments.train import Job
+    from experiments.workdir import read_history
+    from fenchel.lifted import network_loss
+
+    summary = lca.run_lca(tiny_run, eval_size=200, full=True)
+    out_dir = tiny_run / "lca"
+    for name in ("lca.npz", "lca_full.npz", "summary.json", "lca_layers.png", "lca_helping.png",
+                 "lca_cumulative.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    assert json.loads((out_dir / "summary.json").read_text())["n_segments"] == summary["n_segments"]
+    steps, arrays = read_history(tiny_run)
+    assert summary["n_segments"] == len(steps) - 1 >= 1
+    assert summary["reconstruction_error"] < 1e-2
+    assert 0 <= summary["mean_fraction_helping"] <= 1
+    assert set(summary["per_layer_lca"]) == {"layer_0", "layer_1"}
+    with np.load(out_dir / "lca.npz") as z:
+        assert np.all((z["fraction_helping"] >= 0) & (z["fraction_helping"] <= 1))
+        assert z["layer"].shape == (len(steps) - 1, 2) and z["neuron_layer_0"].shape == (len(steps) - 1, 32)
+        np.testing.assert_allclose(z["layer"].sum(axis=1), z["total"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(z["neuron_layer_1"].sum(axis=1), z["layer"][:, 1], rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(z["steps"], steps)
+        total = z["total"].copy()
+    with np.load(out_dir / "lca_full.npz") as z:
+        np.testing.assert_allclose(sum(z[k].reshape(len(total), -1).sum(axis=1) for k in arrays), total, rtol=1e-4)
+    # ΔL independently: the network's mean cross-entropy at the two snapshots, on the first 200 examples
+    job = Job(_saved_config(tiny_run))
+    x, y = job.x_train[:200], job.y_train[:200]
+
+    def loss_at(t):
+        params = [{"kernel": jnp.asarray(arrays[f"layer_{i}/kernel"][t], jnp.float64),
+                   "bias": jnp.asarray(arrays[f"layer_{i}/bias"][t], jnp.float64)} for i in range(2)]
+        return float(network_loss(params, x.astype(jnp.float64), y.astype(jnp.float64), job.penalty, "softmax",
+                                  job.layers))
+
+    assert summary["delta_L"] == pytest.approx(loss_at(len(steps) - 1) - loss_at(0), abs=1e-5)
+
+
+def _saved_config(workdir):
+    import ml_collections
+
+    return ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+
+
+def _cli_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lca.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
+    no_history = tmp_path / "no_history"
+    no_history.mkdir()
+    shutil.copy(tiny_run / "config.json", no_history / "config.json")
+    assert "record_every" in _cli_error(["--workdir", str(no_history)], capsys)
+    assert "config.json" in _cli_error(["--workdir", str(tmp_path)], capsys)
+    assert "not a directory" in _cli_error(["--workdir", str(tmp_path / "missing")], capsys)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, corrupt, ignore=shutil.ignore_patterns("lca", ".lock"))
+    chunk = next((corrupt / "history").glob("chunk_*.npz"))
+    chunk.write_bytes(b"not a zip file")
+    assert "corrupted" in _cli_error(["--workdir", str(corrupt)], capsys)
+    assert "power of 2" in _cli_error(["--workdir", str(tiny_run), "--max-splits", "6"], capsys)
+    assert "eval-size" in _cli_error(["--workdir", str(tiny_run), "--eval-size", "100000"], capsys)
