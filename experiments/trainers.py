@@ -23,6 +23,9 @@ import ml_collections
 
 from fenchel import GradientTrainer, LiftedConfig, LiftedTrainer, make_optimizer
 from fenchel.layers import parse_layers
+from fenchel.proxprop import OPTIMIZERS as _PP_OPTIMIZERS
+from fenchel.proxprop import SOLVERS as _PP_SOLVERS
+from fenchel.proxprop import ProxPropTrainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,3 +192,40 @@ _LIFTED_OWN = {**LIFTED_FIELDS, "momentum": GRADIENT_FIELDS["momentum"]}  # mome
 register(TrainerSpec("lnn", "LNN", _LIFTED_OWN, _check_lifted, _build_lifted, finish=warm_start))
 register(TrainerSpec("fenchel", "Fenchel", _LIFTED_OWN, _check_lifted, _build_lifted,
                      extra_columns=(("Fenchel + warm start", "warm_start_test_accuracy"),), finish=warm_start))
+
+
+# ---------------------------------------------------------------- proxprop (Frerix et al., ICLR 2018)
+PROXPROP_FIELDS = {
+    "proxprop_tau": 1.0,  # τ: explicit step on the pre-activations (cancels under the outer optimiser)
+    "proxprop_tau_theta": 0.05,  # τ_θ: proximal step of each hidden layer's Θ = [W; b]
+    "proxprop_solver": "exact",  # exact (Cholesky, n_in+1 or N×N, the smaller) | cg
+    "proxprop_cg_steps": 10,  # CG iterations per step (solver=cg), warm-started at the current weights
+    "proxprop_optimizer": "sgd",  # sgd (Nesterov momentum 0.95) | adam, fed g = −(Θ_new − Θ_old)/τ
+    "proxprop_lr": 0.5,  # the outer optimiser's learning rate
+}
+
+
+def _check_proxprop(c):
+    for key in ("proxprop_tau", "proxprop_tau_theta", "proxprop_lr"):
+        if not c[key] > 0:
+            raise ValueError(f"bad config: {key}={c[key]} must be > 0")
+    if c.proxprop_solver not in _PP_SOLVERS:
+        raise ValueError(f"bad config: proxprop_solver={c.proxprop_solver!r}, expected one of {_PP_SOLVERS}")
+    steps = c.proxprop_cg_steps
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"bad config: proxprop_cg_steps={steps!r} must be an integer ≥ 1")
+    if c.proxprop_optimizer not in _PP_OPTIMIZERS:
+        raise ValueError(f"bad config: proxprop_optimizer={c.proxprop_optimizer!r}, expected one of "
+                         f"{_PP_OPTIMIZERS}")
+    for spec in parse_layers(c.layers):
+        if spec.kind != "dense":
+            raise ValueError(f"bad config: trainer='proxprop' supports dense layers only, layers={c.layers!r}")
+
+
+def _build_proxprop(c, layers, penalty):
+    return ProxPropTrainer(layers, penalty, tau=c.proxprop_tau, tau_theta=c.proxprop_tau_theta,
+                           solver=c.proxprop_solver, cg_steps=c.proxprop_cg_steps, optimizer=c.proxprop_optimizer,
+                           learning_rate=c.proxprop_lr, loss=c.loss)
+
+
+register(TrainerSpec("proxprop", "ProxProp", PROXPROP_FIELDS, _check_proxprop, _build_proxprop))
