@@ -89,11 +89,12 @@ def input_operator_norm_sq(spec, kernel, sample_shape, iters: int) -> jax.Array:
     """‖A(·; W)‖₂² for one sample: λ_max(AᵀA) by power iteration, Aᵀ from vjp.
 
     A dense layer with a side ≤ EXACT_GRAM_MAX gets λ_max of its small Gram
-    matrix exactly instead.
+    matrix exactly instead (divided by pool², a bound when its input is pooled).
     """
     if spec.kind == "dense" and min(kernel.shape) <= EXACT_GRAM_MAX:
         small = kernel.T @ kernel if kernel.shape[1] <= kernel.shape[0] else kernel @ kernel.T
-        return jnp.linalg.eigvalsh(small)[-1]
+        # Average pooling by p is P with PPᵀ = I/p², so ‖W P‖² ≤ ‖W‖²/p² (exact without pooling).
+        return jnp.linalg.eigvalsh(small)[-1] / spec.pool**2
 
     def matvec(v):
         out, vjp = jax.vjp(lambda z: spec.linear_map(z, kernel), v)

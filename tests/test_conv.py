@@ -260,3 +260,15 @@ def test_lenet_style_run_through_the_launcher_and_warm_start_from_the_lifted_wei
     assert summary["architecture"] == "28x28x1-c6x5-p2-c16x5-p2-120-84-10"
     assert summary["warm_start_test_accuracy"] == summary["test_accuracy"]
     assert summary["test_accuracy"] > 0.3  # 6 lifted steps on 300 images: well above chance
+
+
+@pytest.mark.parametrize("spec", [Dense(5, pool=2), Conv(3, 3, pool=2), Dense(5)], ids=repr)
+def test_input_operator_norm_is_a_tight_upper_bound(spec):
+    """‖A(·; W)‖² for one sample against numpy: the SVD of the explicit matrix of x ↦ A(x; W)."""
+    shape = (8, 8, 2)
+    kernel = spec.init(jax.random.PRNGKey(7), shape, jnp.float64)["kernel"]
+    basis = np.eye(int(np.prod(shape))).reshape(-1, 1, *shape)
+    columns = [np.asarray(spec.linear_map(jnp.asarray(e), kernel)).ravel() for e in basis]
+    exact = np.linalg.svd(np.stack(columns, 1), compute_uv=False)[0] ** 2
+    got = float(blocks.input_operator_norm_sq(spec, kernel, shape, 200))
+    assert exact * (1 - 1e-6) <= got <= 1.05 * exact, (got, exact)
