@@ -54,7 +54,7 @@ def main(argv=None):
         total += ms
         print(f"| X_{l} ({tuple(xs[l - 1].shape[1:])}) | {ms:.1f} |", flush=True)
     for l in range(tr.n_layers):
-        ms = median_ms(lambda p, z: tr.w_block(l, p, z, x, y, p, True), params, xs, reps=args.reps)
+        ms = median_ms(lambda p, z: tr.w_block(l, p, z, x, y, p, anchor_is_start=True), params, xs, reps=args.reps)
         total += ms
         print(f"| W_{l} ({job.layers[l].kind}, {tr.layers[l].w_form(c.w_mode, ([x, *xs])[l], 1.0)}) | {ms:.1f} |",
               flush=True)

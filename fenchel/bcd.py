@@ -148,12 +148,12 @@ class LiftedTrainer(Trainer):
         self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[1])
         self.objective_terms = jax.jit(self._objective_terms)
         self.x_step = jax.jit(self._x_step)
-        self.w_step = jax.jit(self._w_step)
+        self.w_step = jax.jit(self._w_step, static_argnames=("anchor_is_start",))
         self.sweep = jax.jit(self._sweep)
         self.minibatch_update = jax.jit(self._minibatch_update)
         self.minibatch_objective = jax.jit(self._minibatch_objective)
         self.x_block = jax.jit(self._x_block, static_argnums=0)
-        self.w_block = jax.jit(self._w_block, static_argnums=0)
+        self.w_block = jax.jit(self._w_block, static_argnums=0, static_argnames=("anchor_is_start",))
 
     # ------------------------------------------------------------ Trainer interface
     def init(self, params):
