@@ -49,15 +49,19 @@ def main(argv=None):
     print("| block | median ms |")
     print("|---|---|")
     total = 0.0
-    for l in range(tr.n_layers - 1, 0, -1):
+    xs = list(xs)
+    for l in range(tr.n_layers - 1, 0, -1):  # in the sequential schedule's order, each on the X it would see
         ms = median_ms(tr.x_block, l, params, xs, x, y, reps=args.reps)
+        xs[l - 1], info = tr.x_block(l, params, xs, x, y)
         total += ms
-        print(f"| X_{l} ({tuple(xs[l - 1].shape[1:])}) | {ms:.1f} |", flush=True)
-    for l in range(tr.n_layers):
-        ms = median_ms(lambda p, z: tr.w_block(l, p, z, x, y, p, anchor_is_start=True), params, xs, reps=args.reps)
+        print(f"| X_{l} ({tuple(xs[l - 1].shape[1:])}), {int(info.steps)} iterations | {ms:.1f} |", flush=True)
+    for l in range(tr.n_layers):  # on the X after the X step, anchored at the start, as in a minibatch update
+        ms = median_ms(lambda p, z, l=l: tr.w_block(l, p, z, x, y, p, anchor_is_start=True), params, xs,
+                       reps=args.reps)
+        steps = int(tr.w_block(l, params, xs, x, y, params, anchor_is_start=True)[1].steps)
         total += ms
-        print(f"| W_{l} ({job.layers[l].kind}, {tr.layers[l].w_form(c.w_mode, ([x, *xs])[l], 1.0)}) | {ms:.1f} |",
-              flush=True)
+        form = tr.layers[l].w_form(c.w_mode, ([x, *xs])[l], 1.0)
+        print(f"| W_{l} ({job.layers[l].kind}, {form}), {steps} iterations | {ms:.1f} |", flush=True)
     step = median_ms(tr.minibatch_update, params, x, y, reps=args.reps)
     print(f"| sum of blocks | {total:.1f} |\n| whole minibatch update | {step:.1f} |")
     adam = Job(_adam(config))
