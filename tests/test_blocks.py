@@ -22,7 +22,7 @@ TIGHT = SolverConfig(tol=1e-9, max_steps=20000)
 DEFAULT_POWER_ITERS = SolverConfig(tol=1.0, max_steps=1).power_iters
 N, N_IN, N_OUT = 9, 5, 4
 SLOPE = 0.01  # the library's default leaky-relu slope (get_penalty("leaky_relu"))
-W_FORMS = ("primal", "kernel", "kernel_mm")
+W_FORMS = ("primal", "primal_mm", "kernel", "kernel_mm")
 
 
 # ---------------------------------------------------------------- numpy reference
