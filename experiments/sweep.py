@@ -45,7 +45,7 @@ def plan(config: ml_collections.ConfigDict, name: str, trainers, seeds, workdir)
 
 def run_sweep(config: ml_collections.ConfigDict, name: str, trainers, seeds, workdir) -> tuple[list, list]:
     """Run every planned job; returns (finished workdirs, [(workdir, error message)] of the failed ones)."""
-    from experiments.train import identity, train_and_evaluate
+    from experiments.train import config_differences, train_and_evaluate
     from experiments.workdir import Workdir
 
     runs = plan(config, name, trainers, seeds, workdir)
@@ -54,9 +54,8 @@ def run_sweep(config: ml_collections.ConfigDict, name: str, trainers, seeds, wor
         wd = Workdir(run_dir)
         try:
             saved = wd.read_config() if wd.path.is_dir() else None
-            if saved is not None and {k: v for k, v in saved.items() if k != "progress"} != identity(run):
-                diff = sorted(k for k in set(saved) | set(identity(run))
-                              if k != "progress" and saved.get(k) != identity(run).get(k))
+            diff = config_differences(saved, run) if saved is not None else []
+            if diff:
                 raise ValueError(f"{run_dir} holds a run with another config (differs in {', '.join(diff)}); "
                                  "use another --workdir for this sweep")
             if saved is not None and wd.read_summary() is not None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from configs import default as default_config
 from experiments import loop
-from experiments.trainers import TRAINERS
+from experiments.trainers import TRAINERS, all_fields
 from experiments.workdir import ParamHistory, Workdir, WorkdirError, config_hash
 from fenchel.data import DATASETS, load_dataset
 from fenchel.layers import Dense, architecture_name, init_params, parse_layers, trailing_pool
@@ -95,9 +95,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     TRAINERS[c.trainer].check(c)
 
 
-def identity(config: ml_collections.ConfigDict) -> dict:
-    """The config as stored in config.json, less the fields that may change between launches."""
-    return {k: v for k, v in json.loads(config.to_json()).items() if k not in NOT_IDENTITY}
+def identity(config) -> dict:
+    """What makes a run this run: the base fields and the fields its own trainer owns (config.json less the
+    fields of other trainers, so registering a new trainer does not change it, and less `NOT_IDENTITY`)."""
+    values = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+    others = set(all_fields()) - set(TRAINERS[values["trainer"]].fields if values.get("trainer") in TRAINERS
+                                     else ())
+    return {k: v for k, v in values.items() if k not in NOT_IDENTITY and k not in others}
+
+
+def config_differences(saved: dict, config) -> list:
+    """Keys whose values differ between a stored config.json and `config`, on their identities; a field the
+    stored config predates counts as its default."""
+    a, b = identity({**json.loads(default_config.get_config().to_json()), **saved}), identity(config)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # ---------------------------------------------------------------- job
@@ -230,15 +241,15 @@ class _Run:
     def check_config(self) -> None:
         """config.json must hold this run's config; write it for a new run."""
         saved = self.workdir.read_config()
-        now = identity(self.config)
         if saved is None:
             self.workdir.load_checkpoint(expected_config_hash=self.hash)  # a checkpoint of another config: refuse
             self.workdir.write_config(json.loads(self.config.to_json()))
             return
-        saved = {k: v for k, v in saved.items() if k not in NOT_IDENTITY}
-        if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-            raise WorkdirError(f"{self.workdir.config_path} holds a run with another config (saved, now): {diff}; "
+        diff = config_differences(saved, self.config)
+        if diff:
+            a, b = identity(saved), identity(self.config)
+            shown = {k: (a.get(k), b.get(k)) for k in diff}
+            raise WorkdirError(f"{self.workdir.config_path} holds a run with another config (saved, now): {shown}; "
                                "relaunch with the saved config or use a fresh workdir")
 
     # -------------------------------------------------------- the loop

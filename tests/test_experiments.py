@@ -441,3 +441,21 @@ def test_parameter_history_is_recorded_without_changing_the_run(tmp_path):
     job = Job(config)
     np.testing.assert_array_equal(arrays["layer_1/bias"][0], np.asarray(job.params0[1]["bias"], np.float32))
     assert not np.array_equal(arrays["layer_0/kernel"][1], arrays["layer_0/kernel"][0])
+
+
+def test_registering_a_new_trainer_does_not_invalidate_existing_workdirs(tmp_path):
+    config = tiny(trainer="adam", total_epochs=2, train_size=400)
+    train_and_evaluate(config, tmp_path / "done")
+    train_and_evaluate(config, tmp_path / "half", max_epochs_this_run=1)
+    spec = trainers.TrainerSpec(name="later", title="Later", fields={"later_rate": 1.0}, check=lambda c: None,
+                                build=lambda c, layers, penalty: None)
+    trainers.register(spec)
+    try:
+        again = tiny(trainer="adam", total_epochs=2, train_size=400)
+        assert "later_rate" in again
+        assert train_and_evaluate(again, tmp_path / "done")["epochs"] == 2  # finished: its summary
+        assert train_and_evaluate(again, tmp_path / "half")["epochs"] == 2  # half done: resumes
+        with pytest.raises(WorkdirError, match="another config"):  # a real difference is still refused
+            train_and_evaluate(tiny(trainer="adam", total_epochs=2, train_size=400, momentum=0.5), tmp_path / "done")
+    finally:
+        trainers.unregister("later")
