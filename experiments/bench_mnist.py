@@ -28,6 +28,7 @@ from experiments.trainers import warm_start
 def parse_args(argv=None):
     d = default_config.get_config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", type=str, default=d.dataset, help="mnist | fashion_mnist | …")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--report-epochs", type=str, default="1,5,10")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -50,14 +51,14 @@ def parse_args(argv=None):
 def configs(args):
     """The lifted and Adam launcher configs of this benchmark, built directly."""
     lifted = default_config.get_config()
-    lifted.update(dict(trainer="fenchel", layers=args.layers, batch_size=args.batch_size, seed=args.seed,
-                       total_epochs=args.epochs, lambda_=args.lambdas, rho=args.rho, rho_prox=args.rho_prox,
+    lifted.update(dict(trainer="fenchel", dataset=args.dataset, layers=args.layers, batch_size=args.batch_size,
+                       seed=args.seed, total_epochs=args.epochs, lambda_=args.lambdas, rho=args.rho, rho_prox=args.rho_prox,
                        x_max_steps=args.x_steps, w_max_steps=args.w_steps, w_mode=args.w_mode,
                        alternations=args.alternations, schedule=args.schedule, warm_start_epochs=1,
                        warm_start_lr=args.finetune_lr, progress=False))
     adam = default_config.get_config()
-    adam.update(dict(trainer="adam", layers=args.layers, batch_size=args.batch_size, seed=args.seed,
-                     total_epochs=args.epochs, learning_rate=args.adam_lr, progress=False))
+    adam.update(dict(trainer="adam", dataset=args.dataset, layers=args.layers, batch_size=args.batch_size,
+                     seed=args.seed, total_epochs=args.epochs, learning_rate=args.adam_lr, progress=False))
     return lifted, adam
 
 
@@ -88,7 +89,7 @@ def main(argv=None):
 
     med_l, med_a = statistics.median(lifted_times), statistics.median(adam_times)
     print()
-    print(f"MNIST {lifted_job.architecture}, batch {args.batch_size}, {jax.devices()[0].platform}, "
+    print(f"{args.dataset} {lifted_job.architecture}, batch {args.batch_size}, {jax.devices()[0].platform}, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
     print(f"lifted: lambda={args.lambdas} rho={args.rho} rho'={args.rho_prox} x_steps={args.x_steps} "
           f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} alternations={args.alternations}")
