@@ -52,8 +52,8 @@ def configs(args):
     """The lifted and Adam launcher configs of this benchmark, built directly."""
     lifted = default_config.get_config()
     lifted.update(dict(trainer="fenchel", dataset=args.dataset, layers=args.layers, batch_size=args.batch_size,
-                       seed=args.seed, total_epochs=args.epochs, lambda_=args.lambdas, rho=args.rho, rho_prox=args.rho_prox,
-                       x_max_steps=args.x_steps, w_max_steps=args.w_steps, w_mode=args.w_mode,
+                       seed=args.seed, total_epochs=args.epochs, lambda_=args.lambdas, rho=args.rho,
+                       rho_prox=args.rho_prox, x_max_steps=args.x_steps, w_max_steps=args.w_steps, w_mode=args.w_mode,
                        alternations=args.alternations, schedule=args.schedule, warm_start_epochs=1,
                        warm_start_lr=args.finetune_lr, progress=False))
     adam = default_config.get_config()
