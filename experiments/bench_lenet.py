@@ -12,24 +12,13 @@ against FISTA preconditioned by the exact patch-matrix majoriser ("primal_mm").
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 
 from configs import mnist_lenet5
+from experiments.bench_blocks import median_ms
 from experiments.train import Job
 from fenchel import LiftedTrainer, SolverConfig, blocks
-
-
-def median_ms(fn, *args, reps=10):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def main(argv=None):

@@ -131,8 +131,8 @@ class Job:
         self.total_epochs = c.total_epochs or -(-c.total_steps // self.steps_per_epoch)
         self.layers = (*hidden, Dense(int(data.num_classes), pool=trailing_pool(c.layers)))
         self.in_shape = data.x_train.shape[1:]
-        try:
-            init_params(jax.random.PRNGKey(0), self.layers, self.in_shape)  # shape checks, before any training
+        try:  # the one initialisation; its shape checks come before any training
+            self.params0 = init_params(jax.random.PRNGKey(c.seed), self.layers, self.in_shape, data.x_train.dtype)
         except ValueError as err:
             raise ValueError(f"bad config: layers={c.layers!r} do not fit the {c.dataset} inputs of shape "
                              f"{tuple(self.in_shape)}: {err}") from None
@@ -142,7 +142,6 @@ class Job:
         self.x_train = jnp.asarray(data.x_train)
         self.labels_train = jnp.asarray(data.y_train)
         self.y_train = jax.nn.one_hot(self.labels_train, data.num_classes, dtype=self.x_train.dtype)
-        self.params0 = init_params(jax.random.PRNGKey(c.seed), self.layers, self.in_shape, self.x_train.dtype)
         self.spec = TRAINERS[c.trainer]
         self.trainer = self.spec.build(c, self.layers, self.penalty)
         model = self.model

@@ -41,7 +41,7 @@ import optax
 
 from fenchel.lifted import forward, loss_per_sample
 from fenchel.penalties import Penalty
-from fenchel.trainer import StepInfo, Trainer
+from fenchel.trainer import OptaxTrainer
 
 SOLVERS = ("exact", "cg")
 OPTIMIZERS = ("sgd", "adam")
@@ -158,7 +158,7 @@ def make_outer_optimizer(name: str, learning_rate: float) -> optax.GradientTrans
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
-class ProxPropTrainer(Trainer):
+class ProxPropTrainer(OptaxTrainer):
     """ProxProp: optax(g) with g_l = −(Θ_{k+1} − Θ_k)/τ the proximal (hidden) or explicit (output) step.
 
     State: (params, optax state). One jitted step, one compilation per batch shape.
@@ -178,26 +178,9 @@ class ProxPropTrainer(Trainer):
             raise ValueError(f"cg_steps={cg_steps!r} must be an integer ≥ 1")
         self.layers = tuple(layers)
         self.tau, self.tau_theta, self.solver, self.cg_steps = tau, tau_theta, solver, cg_steps
-        self.optimizer = make_outer_optimizer(optimizer, learning_rate)
 
-        def step(state, x, y):
-            params, opt_state = state
+        def direction(params, x, y):
             # g = −(Θ_{k+1} − Θ_k)/τ, computed without forming Θ_{k+1} (no rounding from − τ, / τ)
-            value, g = proxprop_gradient(params, x, y, penalty, self.layers, loss, tau_theta, solver, cg_steps)
-            updates, opt_state = self.optimizer.update(g, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            finite = jnp.isfinite(value) & jnp.all(jnp.array([jnp.all(jnp.isfinite(v))
-                                                              for v in jax.tree_util.tree_leaves(g)]))
-            return (params, opt_state), StepInfo(value, ~finite)
+            return proxprop_gradient(params, x, y, penalty, self.layers, loss, tau_theta, solver, cg_steps)
 
-        self._step = jax.jit(step)
-
-    def init(self, params):
-        params = [dict(p) for p in params]
-        return params, self.optimizer.init(params)
-
-    def step(self, state, x, y):
-        return self._step(state, x, y)
-
-    def params(self, state):
-        return state[0]
+        super().__init__(direction, make_outer_optimizer(optimizer, learning_rate))

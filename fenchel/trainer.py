@@ -16,7 +16,7 @@ trainer; the engine only owns the per-step mathematics.
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,27 +67,21 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> op
     raise ValueError(f"unknown optimizer {name!r}; known: sgd, adam")
 
 
-class GradientTrainer(Trainer):
-    """Backpropagation: θ ← optimiser(∇_θ mean loss(Y, f_θ(X))) on each batch.
+class OptaxTrainer(Trainer):
+    """θ ← θ + optimiser(g) on each batch, with (J, g) = direction(θ, x, y): the batch objective and the
+    direction fed to the optax optimiser as its gradient. State: (params, optax state); one jitted step."""
 
-    The network is the lifted architecture's feed-forward map (`fenchel.lifted.forward`),
-    i.e. the same function the flax model computes.
-    """
-
-    def __init__(self, layers: Sequence, penalty: Penalty, optimizer: optax.GradientTransformation,
-                 loss: str = "softmax"):
-        self.layers = tuple(layers)
+    def __init__(self, direction: Callable, optimizer: optax.GradientTransformation):
         self.optimizer = optimizer
-
-        def batch_loss(params, x, y):
-            return jnp.mean(loss_per_sample(loss, y, forward(params, x, penalty, self.layers)[1]))
 
         def step(state, x, y):
             params, opt_state = state
-            value, grads = jax.value_and_grad(batch_loss)(params, x, y)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            value, g = direction(params, x, y)
+            updates, opt_state = optimizer.update(g, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state), StepInfo(value, ~jnp.isfinite(value))
+            finite = jnp.isfinite(value) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                                              for leaf in jax.tree_util.tree_leaves(g)]))
+            return (params, opt_state), StepInfo(value, ~finite)
 
         self._step = jax.jit(step)
 
@@ -100,3 +94,20 @@ class GradientTrainer(Trainer):
 
     def params(self, state):
         return state[0]
+
+
+class GradientTrainer(OptaxTrainer):
+    """Backpropagation: θ ← optimiser(∇_θ mean loss(Y, f_θ(X))) on each batch.
+
+    The network is the lifted architecture's feed-forward map (`fenchel.lifted.forward`),
+    i.e. the same function the flax model computes.
+    """
+
+    def __init__(self, layers: Sequence, penalty: Penalty, optimizer: optax.GradientTransformation,
+                 loss: str = "softmax"):
+        self.layers = tuple(layers)
+
+        def batch_loss(params, x, y):
+            return jnp.mean(loss_per_sample(loss, y, forward(params, x, penalty, self.layers)[1]))
+
+        super().__init__(jax.value_and_grad(batch_loss), optimizer)
