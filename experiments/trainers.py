@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 import ml_collections
 
 from fenchel import GradientTrainer, LiftedConfig, LiftedTrainer, make_optimizer
+from fenchel.heads import MERGES, Head
 from fenchel.layers import parse_layers
 from fenchel.proxprop import OPTIMIZERS as _PP_OPTIMIZERS
 from fenchel.proxprop import SOLVERS as _PP_SOLVERS
@@ -78,6 +79,33 @@ def all_fields() -> dict:
 def owner_of(key: str) -> list[str]:
     """Names of the trainers that own config field `key` (empty for base fields)."""
     return [name for name, spec in TRAINERS.items() if key in spec.fields]
+
+
+# ---------------------------------------------------------------- multi-branch heads (GuideBP), every built-in trainer
+HEAD_FIELDS = {
+    "branches": 1,  # K parallel output branches on the shared trunk (1: the plain head)
+    "merge": "sum",  # how training merges the branches' logits: sum | mean | guide (GuideBP); evaluation: mean
+}
+
+
+def _check_head(c):
+    k = c.branches
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"bad config: branches={k!r} must be an integer ≥ 1")
+    if c.merge not in MERGES:
+        raise ValueError(f"bad config: merge={c.merge!r}, expected one of {MERGES}")
+
+
+def head_of(c) -> Head | None:
+    """The trainer's multi-branch head; None for one branch (every merge of one branch is the plain head)."""
+    return Head(c.branches, c.merge, seed=c.seed) if c.branches > 1 else None
+
+
+def _with_head(check):
+    def both(c):
+        _check_head(c)
+        check(c)
+    return both
 
 
 # ---------------------------------------------------------------- lifted trainers (fenchel, lnn)
@@ -141,7 +169,7 @@ def _check_lifted(c):
 
 def _build_lifted(c, layers, penalty):
     del penalty  # the lifted trainer builds its own (Fenchel or LNN) from the config
-    return LiftedTrainer(lifted_config(c), layers)
+    return LiftedTrainer(lifted_config(c), layers, head_of(c))
 
 
 def warm_start(job, state) -> dict:
@@ -182,15 +210,16 @@ def _gradient_optimizer(c):
 
 
 def _build_gradient(c, layers, penalty):
-    return GradientTrainer(layers, penalty, _gradient_optimizer(c), c.loss)
+    return GradientTrainer(layers, penalty, _gradient_optimizer(c), c.loss, head_of(c))
 
 
 # ---------------------------------------------------------------- the built-in registry
-register(TrainerSpec("adam", "Adam", GRADIENT_FIELDS, _gradient_optimizer, _build_gradient))
-register(TrainerSpec("sgd", "SGD", GRADIENT_FIELDS, _gradient_optimizer, _build_gradient))
-_LIFTED_OWN = {**LIFTED_FIELDS, "momentum": GRADIENT_FIELDS["momentum"]}  # momentum: an sgd warm start's
-register(TrainerSpec("lnn", "LNN", _LIFTED_OWN, _check_lifted, _build_lifted, finish=warm_start))
-register(TrainerSpec("fenchel", "Fenchel", _LIFTED_OWN, _check_lifted, _build_lifted,
+_GRADIENT_OWN = {**GRADIENT_FIELDS, **HEAD_FIELDS}
+register(TrainerSpec("adam", "Adam", _GRADIENT_OWN, _with_head(_gradient_optimizer), _build_gradient))
+register(TrainerSpec("sgd", "SGD", _GRADIENT_OWN, _with_head(_gradient_optimizer), _build_gradient))
+_LIFTED_OWN = {**LIFTED_FIELDS, "momentum": GRADIENT_FIELDS["momentum"], **HEAD_FIELDS}  # momentum: an sgd warm start's
+register(TrainerSpec("lnn", "LNN", _LIFTED_OWN, _with_head(_check_lifted), _build_lifted, finish=warm_start))
+register(TrainerSpec("fenchel", "Fenchel", _LIFTED_OWN, _with_head(_check_lifted), _build_lifted,
                      extra_columns=(("Fenchel + warm start", "warm_start_test_accuracy"),), finish=warm_start))
 
 
@@ -225,7 +254,8 @@ def _check_proxprop(c):
 def _build_proxprop(c, layers, penalty):
     return ProxPropTrainer(layers, penalty, tau=c.proxprop_tau, tau_theta=c.proxprop_tau_theta,
                            solver=c.proxprop_solver, cg_steps=c.proxprop_cg_steps, optimizer=c.proxprop_optimizer,
-                           learning_rate=c.proxprop_lr, loss=c.loss)
+                           learning_rate=c.proxprop_lr, loss=c.loss, head=head_of(c))
 
 
-register(TrainerSpec("proxprop", "ProxProp", PROXPROP_FIELDS, _check_proxprop, _build_proxprop))
+register(TrainerSpec("proxprop", "ProxProp", {**PROXPROP_FIELDS, **HEAD_FIELDS}, _with_head(_check_proxprop),
+                     _build_proxprop))

@@ -15,6 +15,13 @@ Training modes:
   minibatch   per minibatch: X ← forward pass with the current weights,
               anchors ← current weights, then `alternations` rounds of
               (X step, W step) with the proximal term ρ'‖(W, b) − anchor‖².
+
+Multi-branch heads (`fenchel.heads`, minibatch mode): the output layer has
+K·C columns and the loss is taken on the merged logits U M. Per minibatch,
+GuideBP's weakness scores are first updated from the forward pass's logits;
+M (the guide selection) then stays fixed for the minibatch's blocks, so the
+X-last and W-out blocks stay convex (`blocks.solve_x_last`,
+`blocks.solve_w_out` with `merge=M`).
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from fenchel import blocks
+from fenchel import blocks, heads, lifted
 from fenchel.blocks import SolverConfig
+from fenchel.heads import Head
 from fenchel.layers import W_FORMS
 from fenchel.lifted import LOSSES, broadcast_per_layer, forward, loss_per_sample, objective_terms, preactivation
 from fenchel.penalties import activation_penalty
@@ -133,10 +141,14 @@ class LiftedTrainer(Trainer):
     state is the parameter list and `step` is one minibatch update.
     """
 
-    def __init__(self, config: LiftedConfig, layers: Sequence):
+    def __init__(self, config: LiftedConfig, layers: Sequence, head: Optional[Head] = None):
         layers = tuple(layers)
         if len(layers) < 2:
             raise ValueError("lifted training needs at least one hidden layer (two or more layers)")
+        self.head = head
+        self.eval_layers = layers
+        if head is not None:
+            layers = head.training_layers(layers)
         self.config = config
         self.layers = layers
         self.n_layers = len(layers)
@@ -151,50 +163,76 @@ class LiftedTrainer(Trainer):
         self.w_step = jax.jit(self._w_step, static_argnames=("anchor_is_start",))
         self.sweep = jax.jit(self._sweep)
         self.minibatch_update = jax.jit(self._minibatch_update)
+        self.head_update = jax.jit(self._head_update)
         self.minibatch_objective = jax.jit(self._minibatch_objective)
         self.x_block = jax.jit(self._x_block, static_argnums=0)
         self.w_block = jax.jit(self._w_block, static_argnums=0, static_argnames=("anchor_is_start",))
 
     # ------------------------------------------------------------ Trainer interface
     def init(self, params):
-        return [dict(p) for p in params]
+        """The parameter list; with a head, (parameters with the K·C-column output layer, head state)."""
+        params = [dict(p) for p in params]
+        if self.head is None:
+            return params
+        params = self.head.expand(params)
+        return params, self.head.init_state(params)
 
     def step(self, state, x, y):
-        params, info = self.minibatch_update(state, x, y)
-        return params, StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
+        if self.head is None:
+            params, info = self.minibatch_update(state, x, y)
+            return params, StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
+        params, head_state, info = self.head_update(*state, x, y)
+        return (params, head_state), StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
 
     def params(self, state):
-        return state
+        """The network's weights; with a head, the evaluation network (mean of the branches' logits)."""
+        return state if self.head is None else self.head.collapse(state[0])
 
     def metrics(self, state, x, y) -> dict:
-        """The lifted objective after one X step at fixed W, its terms, and the network loss, on (x, y)."""
-        terms = self.minibatch_objective(state, x, y)
+        """The lifted objective after one X step at fixed W, its terms, and the network loss, on (x, y).
+
+        With a head: the merged objective with the state's merge (no weakness update), and for guide the branch
+        guiding each class."""
+        extra = {}
+        if self.head is None:
+            terms = self.minibatch_objective(state, x, y)
+        else:
+            params, head_state = state
+            terms = self.minibatch_objective(params, x, y, self.head.matrix(head_state, x.dtype))
+            if self.head.guided:
+                extra["guide_selection"] = [int(s) for s in heads.selection(head_state)]
         return {"lifted_objective": float(terms["total"]), "penalties": [float(p) for p in terms["penalties"]],
                 "network_loss_same_batch": float(terms["network_loss"]),
-                "regulariser": float(terms["regulariser"])}
+                "regulariser": float(terms["regulariser"]), **extra}
 
     # ------------------------------------------------------------ objective
-    def _objective_terms(self, params, xs, x0, y):
+    def _objective_terms(self, params, xs, x0, y, merge=None):
+        """Terms of F(W, X); with a head's `merge` M, the loss is loss(Y, U_L M) and ρ_L‖W_L‖² is on the stacked W_L."""
         c = self.config
-        return objective_terms(params, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.layers)
+        if merge is None:
+            return objective_terms(params, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.layers)
+        merged = [*params[:-1], heads.merge_layer(params[-1], merge)]
+        terms = objective_terms(merged, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.eval_layers)
+        reg = lifted.regulariser(params, self.rhos)
+        return {**terms, "regulariser": reg, "total": terms["total"] - terms["regulariser"] + reg}
 
     # ------------------------------------------------------------ X blocks
-    def _x_block(self, l, params, xs, x0, y):
-        """Update hidden activation X_l (1 ≤ l ≤ L) given its neighbours."""
+    def _x_block(self, l, params, xs, x0, y, merge=None):
+        """Update hidden activation X_l (1 ≤ l ≤ L) given its neighbours (merge: a head's M, last block only)."""
         c = self.config
         inputs = [x0, *xs]
         u_prev = preactivation(self.layers[l - 1], params[l - 1], inputs[l - 1])
         if l == self.n_layers - 1:
             return blocks.solve_x_last(
                 self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], y, self.lambdas[l - 1], c.loss,
-                c.x_solver, c.x_mode, loss_weight=c.lbd_coef,
+                c.x_solver, c.x_mode, loss_weight=c.lbd_coef, merge=merge,
             )
         return blocks.solve_x_hidden(
             self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], xs[l], self.lambdas[l - 1],
             c.lbd_coef * self.lambdas[l], c.x_solver, c.x_mode,
         )
 
-    def _x_step(self, params, xs, x0, y):
+    def _x_step(self, params, xs, x0, y, merge=None):
         """One pass over the X blocks in the configured schedule.
 
         sequential: X_L, …, X_1, each block reading the blocks already updated
@@ -206,41 +244,41 @@ class LiftedTrainer(Trainer):
         infos = []
         if self.config.schedule == "sequential":
             for l in range(n_hidden, 0, -1):
-                xs[l - 1], info = self._x_block(l, params, xs, x0, y)
+                xs[l - 1], info = self._x_block(l, params, xs, x0, y, merge)
                 infos.append(info)
         else:
             for parity in (1, 0):
                 layers = [l for l in range(1, n_hidden + 1) if l % 2 == parity]
-                new = [self._x_block(l, params, xs, x0, y) for l in layers]  # all read the same xs
+                new = [self._x_block(l, params, xs, x0, y, merge) for l in layers]  # all read the same xs
                 for l, (x, info) in zip(layers, new):
                     xs[l - 1] = x
                     infos.append(info)
         return xs, infos
 
     # ------------------------------------------------------------ W blocks
-    def _w_block(self, l, params, xs, x0, y, anchors=None, anchor_is_start=False):
-        """Update layer l's (W, b) given X; layers are independent of each other."""
+    def _w_block(self, l, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None):
+        """Update layer l's (W, b) given X; layers are independent of each other (merge: a head's M)."""
         c = self.config
         inputs = [x0, *xs]
         anchor = None if anchors is None else anchors[l]
         if l == self.n_layers - 1:
             return blocks.solve_w_out(
                 self.layers[l], params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor,
-                self.rho_proxes[l], c.w_mode, anchor_is_start,
+                self.rho_proxes[l], c.w_mode, anchor_is_start, merge,
             )
         return blocks.solve_w_hidden(
             self.penalty, self.layers[l], params[l], inputs[l], xs[l], self.lambdas[l], self.rhos[l], c.w_solver,
             anchor, self.rho_proxes[l], c.w_mode, anchor_is_start,
         )
 
-    def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False):
+    def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None):
         """All W blocks at once (they are independent given X)."""
-        out = [self._w_block(l, params, xs, x0, y, anchors, anchor_is_start) for l in range(self.n_layers)]
+        out = [self._w_block(l, params, xs, x0, y, anchors, anchor_is_start, merge) for l in range(self.n_layers)]
         return [p for p, _ in out], [i for _, i in out]
 
-    def _round(self, params, xs, x0, y, anchors=None, anchor_is_start=False):
-        xs, x_infos = self._x_step(params, xs, x0, y)
-        params, w_infos = self._w_step(params, xs, x0, y, anchors, anchor_is_start)
+    def _round(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None):
+        xs, x_infos = self._x_step(params, xs, x0, y, merge)
+        params, w_infos = self._w_step(params, xs, x0, y, anchors, anchor_is_start, merge)
         xr, xsteps, xbad = _worst(x_infos)
         wr, wsteps, wbad = _worst(w_infos)
         return params, xs, SweepInfo(xr, xsteps, wr, wsteps, xbad | wbad)
@@ -254,7 +292,7 @@ class LiftedTrainer(Trainer):
         """
         return self._round(params, xs, x0, y)
 
-    def _minibatch_update(self, params, x0, y):
+    def _minibatch_update(self, params, x0, y, merge=None, xs=None):
         """Minibatch BCD: X from a forward pass, anchors = current weights, `alternations` rounds.
 
         Returns (params, SweepInfo of the last round). The objective is not
@@ -262,13 +300,22 @@ class LiftedTrainer(Trainer):
         `objective_terms` / `minibatch_objective` at logging time.
         """
         anchors = params
-        xs = forward(params, x0, self.penalty, self.layers)[0]
+        if xs is None:
+            xs = forward(params, x0, self.penalty, self.layers)[0]
         info = None
         for k in range(self.config.alternations):
-            params, xs, info = self._round(params, xs, x0, y, anchors, anchor_is_start=(k == 0))
+            params, xs, info = self._round(params, xs, x0, y, anchors, anchor_is_start=(k == 0), merge=merge)
         return params, info
 
-    def _minibatch_objective(self, params, x0, y):
+    def _head_update(self, params, head_state, x0, y):
+        """Minibatch BCD with a head: the weakness scores see the forward pass's logits, then M is fixed for the
+        minibatch's rounds. Returns (params, head state, SweepInfo)."""
+        xs, logits = forward(params, x0, self.penalty, self.layers)
+        head_state = self.head.observe(head_state, logits, y, self.config.loss)
+        params, info = self._minibatch_update(params, x0, y, self.head.matrix(head_state, x0.dtype), xs)
+        return params, head_state, info
+
+    def _minibatch_objective(self, params, x0, y, merge=None):
         """Terms of F after one X step from the forward pass at fixed W, and the network loss.
 
         For the Fenchel penalties (zero on the graph of φ) the forward pass
@@ -277,9 +324,10 @@ class LiftedTrainer(Trainer):
         is not a bound (F can exceed the network loss).
         """
         xs, logits = forward(params, x0, self.penalty, self.layers)
-        xs, _ = self._x_step(params, xs, x0, y)
-        terms = self._objective_terms(params, xs, x0, y)
-        terms["network_loss"] = jnp.mean(loss_per_sample(self.config.loss, y, logits))
+        xs, _ = self._x_step(params, xs, x0, y, merge)
+        terms = self._objective_terms(params, xs, x0, y, merge)
+        terms["network_loss"] = jnp.mean(loss_per_sample(self.config.loss, y, logits if merge is None
+                                                         else logits @ merge))
         return terms
 
     # ------------------------------------------------------------ full batch
@@ -287,7 +335,10 @@ class LiftedTrainer(Trainer):
         """Full-batch BCD for `sweeps` sweeps; returns (params, xs, objective history).
 
         Monotone for κ = 1 (see `_sweep`). A non-finite objective stops it with FloatingPointError.
+        Plain heads only.
         """
+        if self.head is not None:
+            raise ValueError("full-batch BCD supports the plain head only (branches=1); use minibatch steps")
         xs = self.forward(params, x0)
         history = [float(self.objective_terms(params, xs, x0, y)["total"])]
         for k in range(sweeps):

@@ -205,8 +205,17 @@ def solve_x_last(
     cfg: SolverConfig,
     mode: str = "batched",
     loss_weight: float = 1.0,
+    merge: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, SolveInfo]:
-    """argmin_X κ Σ loss(Y, A(X; W_L) + b_L) + λ_prev Σ P(U_prev, X)."""
+    """argmin_X κ Σ loss(Y, (A(X; W_L) + b_L) M) + λ_prev Σ P(U_prev, X).
+
+    merge: M ∈ R^{KC×C} of a multi-branch head (`fenchel.heads`; None: M = I). A dense layer's map is linear
+    in W column by column, so (A(X; W) + b) M = A(X; W M) + b M: the block is the plain one for the merged
+    layer (W M, b M), with its operator norm.
+    """
+    if merge is not None:
+        out_layer = {"kernel": out_layer["kernel"] @ merge, "bias": out_layer["bias"] @ merge}
+        out_spec = dataclasses.replace(out_spec, features=merge.shape[1])
 
     def downstream(z, yy):
         return loss_weight * loss_per_sample(loss, yy, preactivation(out_spec, out_layer, z))
@@ -477,12 +486,28 @@ def solve_w_out(
     rho_prox: float = 0.0,
     w_mode: str = "auto",
     anchor_is_start: bool = False,
+    merge: Optional[jax.Array] = None,
 ) -> tuple[dict, SolveInfo]:
-    """argmin_{W,b} (1/N) Σ loss(Y, A(X_L; W) + b) + ρ‖W‖² + ρ'‖(W, b) − anchor‖²."""
+    """argmin_{W,b} (1/N) Σ loss(Y, (A(X_L; W) + b) M) + ρ‖W‖² + ρ'‖(W, b) − anchor‖².
+
+    merge: M ∈ R^{KC×C} of a multi-branch head (`fenchel.heads`; None: M = I) acting on the stacked
+    K·C-column layer. The fit U ↦ mean loss(Y, U M) is convex with curvature ≤ c_loss ‖M‖₂²/N; with a guide
+    selection a column outside it enters only ρ‖W‖² + ρ'‖(W, b) − anchor‖² (minimiser ρ'/(ρ + ρ')·anchor,
+    and the anchor's bias).
+    """
     n = x_in.shape[0]
 
-    def fit(u):
-        return jnp.mean(loss_per_sample(loss, y, u))
+    if merge is None:
+        def fit(u):
+            return jnp.mean(loss_per_sample(loss, y, u))
 
-    block = WBlock(spec, fit, loss_curvature(loss) / n, layer, x_in, rho, anchor, rho_prox, anchor_is_start)
+        curvature = loss_curvature(loss) / n
+    else:
+        def fit(u):
+            return jnp.mean(loss_per_sample(loss, y, u @ merge))
+
+        # λ_max(MᵀM) from the small C×C matrix, exact for any merge
+        curvature = loss_curvature(loss) / n * jnp.linalg.eigvalsh(merge.T @ merge)[-1]
+
+    block = WBlock(spec, fit, curvature, layer, x_in, rho, anchor, rho_prox, anchor_is_start)
     return solve_w(block, cfg, w_mode)

@@ -33,15 +33,16 @@ it matters only for `proximal_update` itself.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fenchel.heads import Head
 from fenchel.lifted import forward, loss_per_sample
 from fenchel.penalties import Penalty
-from fenchel.trainer import OptaxTrainer
+from fenchel.trainer import OptaxTrainer, head_loss
 
 SOLVERS = ("exact", "cg")
 OPTIMIZERS = ("sgd", "adam")
@@ -126,18 +127,34 @@ def loss_and_inputs(params, x, y, penalty: Penalty, layers: Sequence, loss: str 
     return jnp.mean(loss_per_sample(loss, y, logits)), [x, *xs]
 
 
+def _head_loss_and_inputs(params, x, y, penalty, layers, loss, head, head_state):
+    """(J, (layer inputs, head state')) with J the head's merged loss (`fenchel.heads`)."""
+    xs, logits = forward(params, x, penalty, layers)
+    value, head_state = head_loss(head, loss, logits, y, head_state)
+    return value, ([x, *xs], head_state)
+
+
 def proxprop_gradient(params, x, y, penalty: Penalty, layers: Sequence, loss: str = "softmax",
-                      tau_theta=0.05, solver: str = "exact", cg_steps: int = 10):
-    """(J, g): g_l = (I/τ_θ + A_lᵀA_l)⁻¹ ∇_{Θ_l} J for hidden layers, g_L = ∇_{Θ_L} J; g = −(Θ_{k+1} − Θ_k)/τ."""
+                      tau_theta=0.05, solver: str = "exact", cg_steps: int = 10, head: Optional[Head] = None,
+                      head_state=None):
+    """(J, g): g_l = (I/τ_θ + A_lᵀA_l)⁻¹ ∇_{Θ_l} J for hidden layers, g_L = ∇_{Θ_L} J; g = −(Θ_{k+1} − Θ_k)/τ.
+
+    With a multi-branch `head` (layers with the K·C-column output layer), J is the merged loss and the
+    result is (J, g, head state')."""
     _check_dense(layers)
-    (value, inputs), grads = jax.value_and_grad(loss_and_inputs, has_aux=True)(params, x, y, penalty, layers, loss)
+    if head is None:
+        (value, inputs), grads = jax.value_and_grad(loss_and_inputs, has_aux=True)(params, x, y, penalty, layers,
+                                                                                    loss)
+    else:
+        (value, (inputs, head_state)), grads = jax.value_and_grad(_head_loss_and_inputs, has_aux=True)(
+            params, x, y, penalty, layers, loss, head, head_state)
     out = []
     for l, (grad, a) in enumerate(zip(grads, inputs)):
         if l == len(params) - 1:
             out.append(dict(grad))
         else:
             out.append(_unstack(precondition(jax.lax.stop_gradient(a), _stack(grad), tau_theta, solver, cg_steps)))
-    return value, out
+    return (value, out) if head is None else (value, out, head_state)
 
 
 def proximal_update(params, x, y, penalty: Penalty, layers: Sequence, loss: str = "softmax", tau=1.0,
@@ -161,12 +178,13 @@ def make_outer_optimizer(name: str, learning_rate: float) -> optax.GradientTrans
 class ProxPropTrainer(OptaxTrainer):
     """ProxProp: optax(g) with g_l = −(Θ_{k+1} − Θ_k)/τ the proximal (hidden) or explicit (output) step.
 
-    State: (params, optax state). One jitted step, one compilation per batch shape.
+    State: (params, optax state), with a multi-branch `head` (params, optax state, head state).
+    One jitted step, one compilation per batch shape.
     """
 
     def __init__(self, layers: Sequence, penalty: Penalty, tau: float = 1.0, tau_theta: float = 0.05,
                  solver: str = "exact", cg_steps: int = 10, optimizer: str = "sgd", learning_rate: float = 0.5,
-                 loss: str = "softmax"):
+                 loss: str = "softmax", head: Optional[Head] = None):
         _check_dense(layers)
         if not tau > 0:
             raise ValueError(f"tau={tau} must be > 0")
@@ -179,8 +197,11 @@ class ProxPropTrainer(OptaxTrainer):
         self.layers = tuple(layers)
         self.tau, self.tau_theta, self.solver, self.cg_steps = tau, tau_theta, solver, cg_steps
 
-        def direction(params, x, y):
-            # g = −(Θ_{k+1} − Θ_k)/τ, computed without forming Θ_{k+1} (no rounding from − τ, / τ)
-            return proxprop_gradient(params, x, y, penalty, self.layers, loss, tau_theta, solver, cg_steps)
+        train_layers = self.layers if head is None else head.training_layers(self.layers)
 
-        super().__init__(direction, make_outer_optimizer(optimizer, learning_rate))
+        def direction(params, x, y, *head_state):
+            # g = −(Θ_{k+1} − Θ_k)/τ, computed without forming Θ_{k+1} (no rounding from − τ, / τ)
+            return proxprop_gradient(params, x, y, penalty, train_layers, loss, tau_theta, solver, cg_steps, head,
+                                     *head_state)
+
+        super().__init__(direction, make_outer_optimizer(optimizer, learning_rate), head)
