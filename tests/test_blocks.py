@@ -530,3 +530,84 @@ def test_solver_rejects_bad_settings():
     with pytest.raises(TypeError):
         SolverConfig()  # tol and max_steps have no defaults: LiftedConfig owns them
 
+
+
+# ---------------------------------------------------------------- multi-branch output blocks (fenchel.heads)
+K_BRANCHES = 3
+GUIDE_SELECTION = np.array([2, 0, 2, 1])  # s_c: the branch guiding class c (N_OUT = 4 classes)
+
+
+def ref_merge(merge):
+    """M ∈ R^{KC×C} from its definition: logit c of the merged head is Σ_k U_{k,c} (sum), (1/K)Σ_k U_{k,c} (mean),
+    U_{s_c,c} (guide), where U_{k,c} is column k·C + c of the stacked K·C-column layer."""
+    m = np.zeros((K_BRANCHES * N_OUT, N_OUT))
+    for c in range(N_OUT):
+        for k in range(K_BRANCHES):
+            m[k * N_OUT + c, c] = {"sum": 1.0, "mean": 1.0 / K_BRANCHES,
+                                   "guide": float(k == GUIDE_SELECTION[c])}[merge]
+    return m
+
+
+def merged_fit(y, m):
+    """U ↦ (1/N) Σ CE(Y, U M) and its gradient (1/N)(softmax(UM) − Y) Mᵀ."""
+    n = y.shape[0]
+
+    def fit(u):
+        val, g = ref_loss("softmax", y, u @ m)
+        return np.mean(val), g @ m.T / n
+
+    return fit
+
+
+def library_merge(merge):
+    from fenchel.heads import merge_matrix
+    return merge_matrix(merge, K_BRANCHES, N_OUT, jnp.asarray(GUIDE_SELECTION), jnp.float64)
+
+
+@pytest.mark.parametrize("merge, w_mode", [("sum", "kernel_mm"), ("mean", "primal"), ("guide", "kernel_mm"),
+                                           ("guide", "primal_mm")])
+def test_w_out_block_of_a_merged_head(merge, w_mode):
+    """The stacked K·C-column output layer under the merged softmax loss, with anchor and ρ' (a minibatch
+    update's block): optimal by the hand-written gradient and equal to L-BFGS-B's minimiser. For guide, a column
+    no class selects sees only ρ‖W‖² + ρ'‖(W, b) − anchor‖²: W = ρ'/(ρ + ρ')·W_a, b = b_a."""
+    kc = K_BRANCHES * N_OUT
+    x_in = np.maximum(rand(131, (N, N_IN)), 0.0)
+    y = np.eye(N_OUT)[np.arange(N) % N_OUT]
+    layer = {"kernel": jnp.asarray(rand(133, (N_IN, kc), 0.3)), "bias": jnp.zeros(kc)}
+    anchor, rho_prox, rho = layer_of(134, N_IN, kc, 0.5, 0.3), 0.15, 1e-2
+    p, info = solve_w_out(Dense(kc), layer, x_in, y, rho, "softmax", TIGHT, anchor, rho_prox, w_mode=w_mode,
+                          merge=library_merge(merge))
+    assert int(info.result) == Result.CONVERGED
+    m = ref_merge(merge)
+    check_w_optimal(p, w_objective(x_in, kc, merged_fit(y, m), rho, anchor, rho_prox))
+    if merge == "guide":
+        free = np.flatnonzero(m.sum(axis=1) == 0)
+        assert free.size == kc - N_OUT
+        np.testing.assert_allclose(np.asarray(p["kernel"])[:, free],
+                                   rho_prox / (rho + rho_prox) * np.asarray(anchor["kernel"])[:, free], atol=1e-9)
+        np.testing.assert_allclose(np.asarray(p["bias"])[free], np.asarray(anchor["bias"])[free], atol=1e-9)
+
+
+@pytest.mark.parametrize("merge", ["sum", "guide"])
+def test_x_last_block_of_a_merged_head(merge):
+    """min_X Σ CE(Y, (X W + b) M) + λ Σ B(U_prev, X) for the stacked layer (W, b): KKT and L-BFGS-B."""
+    act, kc = "relu", K_BRANCHES * N_OUT
+    pen = get_penalty(act)
+    layer = layer_of(141, N_IN, kc, 0.6)
+    u_prev = rand(143, (N, N_IN), 1.5)
+    y = np.eye(N_OUT)[np.arange(N) % N_OUT]
+    x0 = domain_point(act, rand(145, (N, N_IN)))
+    lam_prev = 0.9
+    x, info = solve_x_last(pen, x0, u_prev, Dense(kc), layer, y, lam_prev, "softmax", TIGHT,
+                           merge=library_merge(merge))
+    assert np.all(np.asarray(info.result) == Result.CONVERGED)
+    m = ref_merge(merge)
+    w, b = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+
+    def fg(flat):
+        z = flat.reshape(N, N_IN)
+        lv, lg = ref_loss("softmax", y, (z @ w + b) @ m)
+        val = np.sum(lv) + lam_prev * np.sum(ref_B(act, u_prev, z))
+        return val, (lg @ m.T @ w.T + lam_prev * (ref_dG(act, z) - u_prev)).ravel()
+
+    check_x_optimal(act, x, fg)
