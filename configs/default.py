@@ -43,6 +43,12 @@ def get_config():
     c.record_every = 0  # save the parameters every this many steps to <workdir>/history (0: off)
     c.history_max_mb = 512.0  # recording stops once the history reaches this size
     c.progress = True  # tqdm progress bar with ETA
+    # devices (see fenchel/sharding.py; results equal the one-device run's up to float rounding)
+    c.mesh_data = 1  # devices on the data-parallel mesh axis (0: all); batch_size must be a multiple
+    c.distributed = False  # multi-host: jax.distributed.initialize() first; process 0 alone writes the workdir
+    c.coordinator_address = ""  # distributed: "host:port" of process 0 ("": detected from the cluster)
+    c.num_processes = 0  # distributed: 0 = detected
+    c.process_id = -1  # distributed: -1 = detected
     for key, value in all_fields().items():
         setattr(c, key, value)
     return c

@@ -12,7 +12,6 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 
 TRAIN_STREAM = 0
 FINETUNE_STREAM = 1
@@ -53,11 +52,12 @@ def run_epoch(trainer, state, x, y, *, seed: int, epoch: int, batch_size: int, s
     clock = clock or time.perf_counter
     batches = epoch_batches(seed, epoch, x.shape[0], batch_size, stream)
     start = clock()
-    bad = jnp.zeros((), bool)
+    bad = None
     info = None
     for i, idx in enumerate(batches):
         state, info = trainer.step(state, x[idx], y[idx])
-        bad = bad | info.nonfinite  # stays on the device: no synchronisation per step
+        # stays on the step's devices (all processes' on several hosts): no synchronisation per step
+        bad = info.nonfinite if bad is None else bad | info.nonfinite
         if on_step is not None:
             on_step(i, len(batches), state)
     jax.block_until_ready(state)

@@ -36,14 +36,17 @@ import numpy as np
 from configs import default as default_config
 from experiments import loop
 from experiments.trainers import TRAINERS, all_fields
-from experiments.workdir import ParamHistory, Workdir, WorkdirError, config_hash
+from experiments.workdir import ParamHistory, ReadOnlyWorkdir, Workdir, WorkdirError, config_hash
 from fenchel.data import DATASETS, load_dataset
 from fenchel.layers import Dense, architecture_name, init_params, parse_layers, trailing_pool
 from fenchel.lifted import LOSSES, loss_per_sample
 from fenchel.models import evaluate, make_network, to_flax
 from fenchel.penalties import ACTIVATIONS, activation_penalty
+from fenchel.sharding import DataParallel, data_mesh
 
-NOT_IDENTITY = ("progress",)  # fields that may change between launches of one run
+# Fields that may change between launches of one run: the progress bar, and the devices (a sharded run's
+# results equal the one-device run's up to the order of floating-point sums).
+NOT_IDENTITY = ("progress", "mesh_data", "distributed", "coordinator_address", "num_processes", "process_id")
 PENALTY_TOLERANCE = 1e-6  # a logged penalty below −this is a numerical breakdown (B ≥ 0 in exact arithmetic)
 
 
@@ -92,6 +95,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(c.divergence_factor > 1, f"divergence_factor={c.divergence_factor} must be > 1")
     need(c.record_every >= 0, f"record_every={c.record_every} must be ≥ 0 (0: off)")
     need(c.history_max_mb > 0, f"history_max_mb={c.history_max_mb} must be > 0")
+    need(c.mesh_data >= 0, f"mesh_data={c.mesh_data} must be ≥ 0 (0: all devices)")
+    need(c.mesh_data <= 1 or c.batch_size % c.mesh_data == 0,
+         f"batch_size={c.batch_size} is not divisible by mesh_data={c.mesh_data}; use a multiple of {c.mesh_data}")
+    need(c.num_processes >= 0 and c.process_id >= -1,
+         f"num_processes={c.num_processes} must be ≥ 0 and process_id={c.process_id} ≥ -1 (0 / -1: detected)")
+    need(c.distributed or not (c.coordinator_address or c.num_processes or c.process_id >= 0),
+         "coordinator_address, num_processes and process_id need distributed=True")
     TRAINERS[c.trainer].check(c)
 
 
@@ -144,6 +154,11 @@ class Job:
         self.y_train = jax.nn.one_hot(self.labels_train, data.num_classes, dtype=self.x_train.dtype)
         self.spec = TRAINERS[c.trainer]
         self.trainer = self.spec.build(c, self.layers, self.penalty)
+        self.parallel = None
+        if c.mesh_data != 1:  # data parallel over a device mesh
+            self.parallel = DataParallel(data_mesh(c.mesh_data or None))
+            self.parallel.check_batch_size(c.batch_size)
+            self.trainer = self.parallel.wrap(self.trainer)
         model = self.model
         self._sum_loss = jax.jit(lambda v, x, y: jnp.sum(loss_per_sample(c.loss, y, model.apply(v, x))))
 
@@ -169,6 +184,8 @@ class Job:
 
     def evaluate(self, state, epoch: int, wall: float) -> dict:
         params = self.trainer.params(state)
+        if self.parallel is not None:  # replicated over the mesh (all processes): this process's copy
+            params = jax.device_get(params)
         record = {"epoch": epoch, "step": epoch * self.steps_per_epoch, "wall_time": wall,
                   "test_accuracy": self.test_accuracy(params), "train_loss": self.train_loss(params)}
         if self.data.x_val.shape[0]:
@@ -216,6 +233,7 @@ class _Run:
     def __init__(self, job: Job, workdir: Workdir):
         self.job, self.workdir, self.config = job, workdir, job.config
         self.hash = config_hash(identity(job.config))
+        self.last_record = None
 
     # -------------------------------------------------------- checkpoints
     def _template(self):
@@ -240,6 +258,8 @@ class _Run:
     def check_config(self) -> None:
         """config.json must hold this run's config; write it for a new run."""
         saved = self.workdir.read_config()
+        if saved is None and not self.workdir.writable:
+            return  # process 0 writes it
         if saved is None:
             self.workdir.load_checkpoint(expected_config_hash=self.hash)  # a checkpoint of another config: refuse
             self.workdir.write_config(json.loads(self.config.to_json()))
@@ -268,7 +288,7 @@ class _Run:
             print(f"note: {moved} record(s) after the checkpoint's epoch {start_epoch} moved to "
                   "metrics.superseded.jsonl; those epochs run again", file=sys.stderr)
         history = None
-        if c.record_every > 0:
+        if c.record_every > 0 and wd.writable:
             history = ParamHistory(wd, int(c.history_max_mb * 2**20))
             history.discard_after(start_epoch * job.steps_per_epoch)
             if start_epoch == 0:
@@ -276,7 +296,8 @@ class _Run:
         if start_epoch:
             print(f"resuming {wd.path} from epoch {start_epoch}", file=sys.stderr)
 
-        progress = _make_progress(c, job.total_epochs * job.steps_per_epoch, start_epoch * job.steps_per_epoch)
+        progress = None if not wd.writable else _make_progress(  # one bar, on process 0
+            c, job.total_epochs * job.steps_per_epoch, start_epoch * job.steps_per_epoch)
         state, wall = ckpt["state"], float(ckpt["wall"])
         epochs_run = 0
         try:
@@ -303,6 +324,7 @@ class _Run:
                     record = job.evaluate(state, epoch, wall)
                     self.check_record(record, float(ckpt["initial_loss"]), epoch)
                     wd.append_metrics(record)
+                    self.last_record = record
                     if progress is not None:
                         progress.set_postfix(test_acc=f"{record['test_accuracy']:.4f}")
                 ckpt = {**ckpt, "epoch": epoch, "wall": wall, "state": state}
@@ -340,7 +362,8 @@ class _Run:
         existing = self.workdir.read_summary()
         if existing is not None:
             return existing
-        records = self.workdir.read_metrics()
+        # a process other than 0 reports what it computed itself (process 0 may still be writing)
+        records = self.workdir.read_metrics() if self.workdir.writable else [self.last_record]
         if not records or records[-1]["epoch"] != job.total_epochs:
             raise WorkdirError(f"{self.workdir.metrics_path} has no record of the final epoch {job.total_epochs} "
                                "although the checkpoint is final; delete the workdir and rerun")
@@ -360,14 +383,30 @@ class _Run:
         return summary
 
 
+def start_distributed(config) -> None:
+    """jax.distributed.initialize() with the config's coordinator settings (empty / 0 / -1: detected from
+    the cluster environment, e.g. SLURM or Open MPI); then the data mesh must span every process."""
+    if not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(coordinator_address=config.coordinator_address or None,
+                                   num_processes=config.num_processes or None,
+                                   process_id=config.process_id if config.process_id >= 0 else None)
+    if jax.process_count() > 1 and (config.mesh_data == 1 or config.mesh_data % jax.process_count()):
+        raise ValueError(f"bad config: mesh_data={config.mesh_data} must span the {jax.process_count()} processes "
+                         "(0: all devices, or a multiple of the process count)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, max_epochs_this_run: Optional[int] = None) -> dict:
     """Run (or resume) the job described by `config` in `workdir`; returns the summary.
 
     max_epochs_this_run: stop after this many epochs in this call, as an
     interruption would (for time-sliced jobs and tests); relaunch to go on.
     """
+    validate_config(config)
+    if config.distributed:
+        start_distributed(config)
     job = Job(config)  # validates the config, loads and checks the data before anything is written
-    wd = Workdir(workdir)
+    wd = Workdir(workdir) if jax.process_index() == 0 else ReadOnlyWorkdir(workdir)
     removed = wd.prepare()
     if removed:
         print(f"note: removed {len(removed)} temporary file(s) of interrupted writes in {wd.path}", file=sys.stderr)

@@ -137,6 +137,8 @@ class Workdir:
     HISTORY = "history"
     LOCK = ".lock"
 
+    writable = True  # False for `ReadOnlyWorkdir`
+
     def __init__(self, path):
         self.path = Path(path).absolute()  # messages name files by their full path
         self._lock_fd = None  # fd of .lock while this object holds it
@@ -397,6 +399,38 @@ class Workdir:
 
 # ---------------------------------------------------------------- parameter history
 _CHUNK_OVERHEAD = 512  # generous bound on the .npz bytes around one array (zip headers, npy header)
+
+
+class ReadOnlyWorkdir(Workdir):
+    """A workdir as process k > 0 of a multi-host run sees it: it reads the files, and process 0 alone
+    writes them (every write here is a no-op)."""
+
+    writable = False
+
+    def prepare(self) -> list[str]:
+        return []
+
+    @contextlib.contextmanager
+    def lock(self):
+        yield self
+
+    def write_config(self, config: dict) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+    def append_metrics(self, record: dict) -> None:
+        pass
+
+    def repair_torn_metrics(self) -> bool:
+        return False
+
+    def supersede_metrics_after(self, epoch: int) -> int:
+        return 0
+
+    def save_checkpoint(self, payload: bytes, meta: dict) -> None:
+        pass
 
 
 def _chunk_step(path: Path) -> int:

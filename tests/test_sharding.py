@@ -1,0 +1,220 @@
+"""Data-parallel training on 8 forced CPU devices (tests/conftest.py) equals one-device training.
+
+The expected values are the one-device runs of the same code: sharding must change nothing but the order
+of floating-point sums (float64 here, so agreement is to ~1e-10). The compiled programs are read to check
+that the W forms chosen for sharding reduce over samples instead of gathering the samples.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fenchel import SCHEDULES, GradientTrainer, LiftedConfig, LiftedTrainer, blocks, init_params, make_optimizer
+from fenchel.layers import Conv, Dense, parse_layers
+from fenchel.penalties import activation_penalty
+from fenchel.sharding import DataParallel, ShardedTrainer, data_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
+
+
+def _data(n, in_shape, classes, seed=0):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.uniform(kx, (n, *in_shape), jnp.float64)
+    y = jax.nn.one_hot(jax.random.randint(ky, (n,), 0, classes), classes, dtype=jnp.float64)
+    return x, y
+
+
+def _close(a_tree, b_tree, tol=1e-9):
+    for a, b in zip(jax.tree_util.tree_leaves(a_tree), jax.tree_util.tree_leaves(b_tree)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+def _collectives(compiled_text):
+    """(kind, result shape) of every cross-device collective in an HLO module's text."""
+    pattern = r"= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    return [(kind, shape) for shape, kind in re.findall(pattern, compiled_text)]
+
+
+MLP = (Dense(7), Dense(6), Dense(5), Dense(3))  # three hidden layers: both parities in the parallel schedule
+CNN = (*parse_layers("conv:3:3:same,pool:2,dense:6"), Dense(3))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_sharded_minibatch_training_equals_one_device(schedule, net):
+    layers, in_shape = (MLP, (5,)) if net == "mlp" else (CNN, (6, 6, 2))
+    x, y = _data(64, in_shape, 3)
+    params = init_params(jax.random.PRNGKey(1), layers, in_shape, jnp.float64)
+    config = LiftedConfig(schedule=schedule, alternations=2, w_mode="primal_mm")
+    single = LiftedTrainer(config, layers)
+    sharded = DataParallel(data_mesh(8)).wrap(LiftedTrainer(config, layers))
+    s1, s8 = single.init(params), sharded.init(params)
+    for k in range(3):
+        idx = slice(16 * k, 16 * k + 16)
+        s1, _ = single.step(s1, x[idx], y[idx])
+        s8, info = sharded.step(s8, x[idx], y[idx])
+        assert not bool(info.nonfinite)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(params)))
+    assert moved > 1e-3  # training did something
+    _close(sharded.params(s8), single.params(s1))
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(s8))
+    _close(sharded.metrics(s8, x[:48], y[:48]), single.metrics(s1, x[:48], y[:48]))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_sharded_full_batch_bcd_equals_one_device(schedule):
+    x, y = _data(80, (5,), 3, seed=2)
+    params = init_params(jax.random.PRNGKey(3), MLP, (5,), jnp.float64)
+    trainer = LiftedTrainer(LiftedConfig(schedule=schedule, w_mode="primal_mm"), MLP)
+    p1, xs1, hist1 = trainer.fit_full_batch(params, x, y, sweeps=3)
+    dp = DataParallel(data_mesh(8))
+    p8, xs8, hist8 = trainer.fit_full_batch(dp.replicate(params), dp.shard(x), dp.shard(y), sweeps=3)
+    assert hist1[-1] < hist1[0]
+    np.testing.assert_allclose(hist8, hist1, rtol=1e-10)
+    _close(p8, p1)
+    _close(xs8, xs1)
+    assert xs8[0].sharding.spec[0] == "data"  # the lifted variables stay sharded over samples
+
+
+def test_sharded_w_block_reduction_equals_unsharded():
+    """One W block on sharded (X_in, X_out) equals the same block unsharded, for every dense and conv form."""
+    penalty = activation_penalty("relu")
+    dp = DataParallel(data_mesh(8))
+    cases = [(Dense(6), (9,), ("primal", "primal_mm", "kernel", "kernel_mm")),
+             (Conv(4, 3, padding="SAME"), (5, 5, 2), ("primal", "primal_mm"))]
+    for spec, in_shape, forms in cases:
+        x_in, _ = _data(32, in_shape, 3, seed=4)
+        layer = init_params(jax.random.PRNGKey(5), (spec,), in_shape, jnp.float64)[0]
+        u = spec.linear_map(x_in, layer["kernel"]) + layer["bias"]
+        x_out = jnp.maximum(u + 0.3 * jax.random.normal(jax.random.PRNGKey(6), u.shape, jnp.float64), 0.0)
+        cfg = blocks.SolverConfig(tol=1e-8, max_steps=50)
+        for form in forms:
+            def solve(a, b, form=form):
+                return blocks.solve_w_hidden(penalty, spec, layer, a, b, 2.0, 1e-3, cfg, layer, 0.1, form, True)[0]
+            expected = jax.jit(solve)(x_in, x_out)
+            got = jax.jit(solve)(dp.shard(x_in), dp.shard(x_out))
+            _close(got, expected)
+
+
+def test_primal_mm_step_reduces_over_samples_instead_of_gathering_them():
+    """The sharded lifted step with w_mode auto (resolved to primal_mm) has no all-gather: every collective's
+    result is at most a (n_in + 1)² majoriser or a weight-sized sum, never sample-sized."""
+    layers, n = (Dense(30), Dense(3)), 1600
+    x, y = _data(n, (20,), 3)
+    params = init_params(jax.random.PRNGKey(1), layers, (20,), jnp.float64)
+    sharded = DataParallel(data_mesh(8)).wrap(LiftedTrainer(LiftedConfig(), layers))
+    assert sharded.trainer.config.w_mode == "primal_mm"
+    text = sharded._step.lower(sharded.init(params), x, y).compile().as_text()
+    colls = _collectives(text)
+    assert colls and all(kind == "all-reduce" for kind, _ in colls), colls
+    sizes = [int(np.prod([int(d) for d in dims.split(",")])) if dims else 1
+             for _, shape in colls for dims in re.findall(r"\[([\d,]*)\]", shape)]
+    assert max(sizes) <= 31 * 31 and max(sizes) < n
+    # the kernel form's N × N Gram matrix cannot be formed from local samples: it gathers them
+    kernel = DataParallel(data_mesh(8)).wrap(LiftedTrainer(LiftedConfig(w_mode="kernel_mm"), layers))
+    kinds = {kind for kind, _ in _collectives(kernel._step.lower(kernel.init(params), x, y).compile().as_text())}
+    assert "all-gather" in kinds
+
+
+def test_sharded_gradient_trainer_equals_one_device():
+    x, y = _data(32, (5,), 3)
+    params = init_params(jax.random.PRNGKey(1), MLP, (5,), jnp.float64)
+    make = lambda: GradientTrainer(MLP, activation_penalty("relu"), make_optimizer("adam", 1e-2))  # noqa: E731
+    single, sharded = make(), ShardedTrainer(make(), DataParallel(data_mesh(8)))
+    s1, s8 = single.init(params), sharded.init(params)
+    for _ in range(3):
+        s1, i1 = single.step(s1, x, y)
+        s8, i8 = sharded.step(s8, x, y)
+        np.testing.assert_allclose(float(i8.loss), float(i1.loss), rtol=1e-10)
+    _close(sharded.params(s8), single.params(s1))
+
+
+def test_mesh_and_batch_errors_are_clear():
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
+        data_mesh(jax.device_count() + 1)
+    dp = DataParallel(data_mesh(8))
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        dp.check_batch_size(12)
+    trainer = dp.wrap(LiftedTrainer(LiftedConfig(), MLP))
+    x, y = _data(12, (5,), 3)
+    with pytest.raises(ValueError, match="not divisible"):
+        trainer.step(trainer.init(init_params(jax.random.PRNGKey(0), MLP, (5,), jnp.float64)), x, y)
+    with pytest.raises(ValueError, match="needs an axis named 'data'"):
+        DataParallel(jax.make_mesh((8,), ("batch",)))
+
+
+# ---------------------------------------------------------------- the launcher
+def _launch(tmp_path, name, *overrides, env_devices=None, processes=1):
+    """Run experiments.run on configs/tiny.py in subprocesses (1 or several processes); returns the workdir."""
+    workdir = tmp_path / name
+    args = [sys.executable, "-m", "experiments.run", "--config", str(ROOT / "configs/tiny.py"),
+            "--workdir", str(workdir), "--config.train_size=800", "--config.test_size=400",
+            "--config.total_epochs=1", "--config.warm_start_epochs=0", "--config.batch_size=80", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={env_devices or 1}"
+    if processes == 1:
+        subprocess.run(args, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+        return workdir
+    port = 23000 + os.getpid() % 2000
+    procs = [subprocess.Popen([*args, "--config.distributed=True", f"--config.coordinator_address=localhost:{port}",
+                               f"--config.num_processes={processes}", f"--config.process_id={i}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(processes)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err.decode()[-3000:]
+    return workdir
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_launcher_on_8_devices_and_on_2_processes_matches_one_device(tmp_path):
+    """configs/tiny.py with --config.mesh_data=8, and as 2 processes × 2 devices (jax.distributed on
+    localhost, mesh_data=0: all 4 devices), gives the one-device run's metrics; process 0 alone writes."""
+    # w_mode auto means primal_mm on a mesh (fenchel.sharding); the one-device run names it
+    one = _metrics(_launch(tmp_path, "one", "--config.w_mode=primal_mm"))
+    eight = _metrics(_launch(tmp_path, "eight", "--config.mesh_data=8", env_devices=8))
+    multi_dir = _launch(tmp_path, "multi", "--config.mesh_data=0", env_devices=2, processes=2)
+    multi = _metrics(multi_dir)
+    assert len(one) == len(eight) == len(multi) == 1
+    for other in (eight, multi):  # float32 training: equal up to the order of sums
+        assert abs(other[0]["test_accuracy"] - one[0]["test_accuracy"]) <= 1 / 400
+        np.testing.assert_allclose(other[0]["train_loss"], one[0]["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(other[0]["lifted_objective"], one[0]["lifted_objective"], rtol=1e-5)
+    assert one[0]["test_accuracy"] > 0.6
+    assert json.loads((multi_dir / "summary.json").read_text())["test_accuracy"] == multi[0]["test_accuracy"]
+    assert not list(multi_dir.glob("*.tmp*"))
+
+
+def test_launcher_mesh_errors_before_compute(tmp_path):
+    from configs import tiny
+    from experiments.train import validate_config
+
+    c = tiny.get_config()
+    c.mesh_data = 8
+    c.batch_size = 100
+    with pytest.raises(ValueError, match="batch_size=100 is not divisible by mesh_data=8"):
+        validate_config(c)
+    c = tiny.get_config()
+    c.process_id = 1
+    with pytest.raises(ValueError, match="need distributed=True"):
+        validate_config(c)
+
+
+def test_data_mesh_spans_the_requested_devices():
+    mesh = data_mesh(4)
+    assert mesh.shape == {"data": 4} and list(mesh.devices) == jax.devices()[:4]
+    assert DataParallel(mesh).batch.spec == P("data")
