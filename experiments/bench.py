@@ -1,0 +1,340 @@
+"""Benchmark suite: lifted training against Adam, block costs, cost curves, memory, and sharded overhead.
+
+    python -m experiments.bench --json runs/bench.json            # the full suite (CPU: about 10 minutes)
+    python -m experiments.bench --quick --json runs/bench.json    # fewer sizes and repetitions
+
+Every time is the median of several calls after a warm-up call, synchronised with `block_until_ready`;
+compile time (first call minus median) is reported separately. Sections (`--sections`):
+
+  epoch    one Adam epoch, one lifted minibatch epoch (batch 100) and one full-batch lifted sweep, for MNIST
+           784-300-10, 784-300-100-10 and LeNet-5, in one run; MLP epochs are run whole through the shared
+           epoch loop, LeNet-5's are median step × steps per epoch. JSON: `lifted_over_adam_epoch`
+           (784-300-10, whole epochs) and the per-architecture ratios.
+  blocks   each block of a 784-300-100-10 minibatch update: median time at the default iteration budget and
+           the iterations each needs to reach its tolerance (budget raised to 1000).
+  curves   time per full-batch sweep of 784-300-10 against samples (1k … 60k) and of 784-W-10 against width
+           W (100 … 4000), with fitted growth exponents (least squares on log time against log size).
+  devices  the data-parallel minibatch step and full-batch sweep (`fenchel.sharding`) on 1, 2, 4 and 8
+           forced host devices (each count in a subprocess with XLA_FLAGS set), as overhead ratios.
+  memory   peak host RSS of this process, and device peak memory where the backend reports it.
+On a GPU the epoch section adds the achieved FLOP/s of the full-batch sweep (an estimate from the GEMMs at
+full iteration budgets) against a measured float32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import mnist_lenet5, mnist_mlp
+from experiments import loop
+from experiments.train import Job
+from fenchel import LiftedConfig, LiftedTrainer, init_params, mlp
+
+ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:100",
+                 "lenet5": mnist_lenet5.get_config().layers}
+SECTIONS = ("epoch", "blocks", "curves", "devices", "memory")
+
+
+def timed(fn, *args, reps: int = 5) -> dict:
+    """{"median_s", "compile_s", "reps"}: median wall time of fn(*args) after one warm-up call."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"median_s": median, "compile_s": max(first - median, 0.0), "reps": reps}
+
+
+def growth_exponent(sizes, seconds) -> float:
+    """Slope of log(seconds) against log(size) by least squares: time ∝ size^exponent."""
+    return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0])
+
+
+def _job(layers: str, trainer: str, train_size: int = 0):
+    base = mnist_lenet5.get_config() if layers == ARCHITECTURES["lenet5"] else mnist_mlp.get_config()
+    base.update(dict(layers=layers, trainer=trainer, progress=False, train_size=train_size, test_size=100))
+    return Job(base)
+
+
+def _epoch_seconds(job, reps: int) -> list:
+    state = job.trainer.init(job.params0)
+    loop.run_epoch(job.trainer, state, job.x_train, job.y_train, seed=0, epoch=0, batch_size=100)  # warm-up
+    return [loop.run_epoch(job.trainer, state, job.x_train, job.y_train, seed=0, epoch=e + 1,
+                           batch_size=100)[1].seconds for e in range(reps)]
+
+
+def _sweep_gemm_flops(layers, n: int, in_dim: int, config: LiftedConfig) -> float:
+    """GEMM FLOPs of one full-batch sweep of a dense network at full iteration budgets: per FISTA iteration
+    each X block and each W block multiplies by its weights twice (value and gradient), 2·2·N·n_in·n_out."""
+    sizes = [in_dim, *[layer.features for layer in layers]]
+    per_layer = [4.0 * n * a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    x_work = sum(per_layer[1:]) * config.x_max_steps  # X_l's iterations multiply by W_l (the next layer)
+    w_work = sum(per_layer) * config.w_max_steps
+    return x_work + w_work + sum(per_layer) / 2  # + the forward pass that the objective needs
+
+
+def _matmul_peak(n: int = 8192) -> dict:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    out = {}
+    for precision in ("default", "highest"):
+        fn = jax.jit(lambda p, q, precision=precision: jnp.matmul(p, q, precision=precision))
+        out[f"float32_{precision}_flops"] = 2.0 * n**3 / timed(fn, a, a, reps=5)["median_s"]
+    return out
+
+
+def section_epoch(args, out: dict) -> None:
+    rows = {}
+    for name, layers in ARCHITECTURES.items():
+        conv = name == "lenet5"
+        lifted, adam = _job(layers, "fenchel"), _job(layers, "adam")
+        x, y = lifted.x_train, lifted.y_train
+        steps = lifted.steps_per_epoch
+        row = {"steps_per_epoch": steps}
+        for label, job in (("lifted", lifted), ("adam", adam)):
+            state = job.trainer.init(job.params0)
+            row[f"{label}_step"] = timed(job.trainer.step, state, x[:100], y[:100], reps=args.reps)
+            row[f"{label}_epoch_from_steps_s"] = row[f"{label}_step"]["median_s"] * steps
+            if not conv and not args.quick:
+                row[f"{label}_epoch_s"] = statistics.median(_epoch_seconds(job, args.epoch_reps))
+        n_sweep = min(args.lenet_sweep_samples if conv else args.sweep_samples, x.shape[0])
+        tr: LiftedTrainer = lifted.trainer
+        x0, y0 = x[:n_sweep], y[:n_sweep]
+        xs = tr.forward(lifted.params0, x0)
+        row["sweep_samples"] = n_sweep
+        row["sweep"] = timed(tr.sweep, lifted.params0, xs, x0, y0, reps=max(2, args.reps // 2))
+        key = "epoch_s" if "lifted_epoch_s" in row else "epoch_from_steps_s"
+        row["lifted_over_adam_epoch"] = row[f"lifted_{key}"] / row[f"adam_{key}"]
+        row["sweep_over_adam_epoch"] = row["sweep"]["median_s"] / row[f"adam_{key}"]
+        row["ratio_from"] = "whole epochs" if key == "epoch_s" else "median step × steps per epoch"
+        if jax.devices()[0].platform == "gpu" and not conv:
+            flops = _sweep_gemm_flops(lifted.layers, n_sweep, x.shape[1], tr.config)
+            row["sweep_gemm_flops_estimate"] = flops
+            row["sweep_achieved_flops"] = flops / row["sweep"]["median_s"]
+        rows[name] = row
+        print(f"  {name}: lifted/adam epoch {row['lifted_over_adam_epoch']:.2f}x ({row['ratio_from']}), "
+              f"sweep of {n_sweep} samples {row['sweep']['median_s']:.3f} s", flush=True)
+    out["epoch"] = rows
+    out["lifted_over_adam_epoch"] = rows["784-300-10"]["lifted_over_adam_epoch"]
+    if jax.devices()[0].platform == "gpu":
+        out["matmul_peak"] = _matmul_peak()
+
+
+def section_blocks(args, out: dict) -> None:
+    job = _job(ARCHITECTURES["784-300-100-10"], "fenchel")
+    tr: LiftedTrainer = job.trainer
+    x, y, params = job.x_train[:100], job.y_train[:100], job.params0
+    c = tr.config
+    long = LiftedTrainer(dataclasses.replace(c, x_max_steps=1000, w_max_steps=1000), tr.layers)
+    rows = []
+    xs = list(tr.forward(params, x))
+    for l in range(tr.n_layers - 1, 0, -1):  # the sequential schedule's order, each on the X it would see
+        t = timed(tr.x_block, l, params, xs, x, y, reps=args.reps)
+        to_tol = int(long.x_block(l, params, xs, x, y)[1].steps.max())
+        xs[l - 1], info = tr.x_block(l, params, xs, x, y)
+        rows.append({"block": f"X_{l}", "median_s": t["median_s"], "compile_s": t["compile_s"],
+                     "steps": int(info.steps.max()), "budget": c.x_max_steps, "steps_to_tol": to_tol})
+    for l in range(tr.n_layers):
+        fn = jax.jit(lambda p, z, l=l: tr.w_block(l, p, z, x, y, p, anchor_is_start=True))
+        t = timed(fn, params, xs, reps=args.reps)
+        info = fn(params, xs)[1]
+        to_tol = int(long.w_block(l, params, xs, x, y, params, anchor_is_start=True)[1].steps)
+        form = tr.layers[l].w_form(c.w_mode, ([x, *xs])[l], 1.0)
+        rows.append({"block": f"W_{l} ({form})", "median_s": t["median_s"], "compile_s": t["compile_s"],
+                     "steps": int(info.steps), "budget": c.w_max_steps, "steps_to_tol": to_tol})
+    out["blocks"] = {"architecture": "784-300-100-10", "batch": 100, "x_tol": c.x_tol, "w_tol": c.w_tol,
+                     "rows": rows}
+
+
+def _sweep_time(width: int, x, y, reps: int) -> dict:
+    layers = mlp((x.shape[1], width, 10))
+    params = init_params(jax.random.PRNGKey(0), layers, (x.shape[1],))
+    tr = LiftedTrainer(LiftedConfig(), layers)
+    return timed(tr.sweep, params, tr.forward(params, x), x, y, reps=reps)
+
+
+def section_curves(args, out: dict) -> None:
+    job = _job("dense:300", "adam")
+    x, y = job.x_train, job.y_train
+    samples = [n for n in ((1000, 4000, 16000, 60000) if args.quick else (1000, 2000, 5000, 10000, 20000, 60000))
+               if n <= x.shape[0]]
+    widths = (100, 400, 1600) if args.quick else (100, 300, 1000, 2000, 4000)
+    reps = max(2, args.reps // 2)
+    by_n = [_sweep_time(300, x[:n], y[:n], reps)["median_s"] for n in samples]
+    n_w = min(args.width_samples, x.shape[0])
+    by_w = [_sweep_time(w, x[:n_w], y[:n_w], reps)["median_s"] for w in widths]
+    big = [i for i, n in enumerate(samples) if n >= 5000]
+    out["curves"] = {
+        "samples": {"sizes": samples, "seconds": by_n, "exponent": growth_exponent(samples, by_n),
+                    "exponent_from_5000": growth_exponent([samples[i] for i in big], [by_n[i] for i in big])
+                    if len(big) >= 2 else None, "width": 300},
+        "width": {"sizes": list(widths), "seconds": by_w, "exponent": growth_exponent(widths, by_w),
+                  "samples": n_w}}
+    for key in ("samples", "width"):
+        curve = out["curves"][key]
+        print(f"  sweep time against {key}: " + ", ".join(f"{s}: {t:.3f} s" for s, t in
+                                                          zip(curve["sizes"], curve["seconds"]))
+              + f"; exponent {curve['exponent']:.2f}", flush=True)
+
+
+def child_devices(n_devices: int, args) -> dict:
+    """In a process started with n forced host devices: the sharded step and sweep (784-300-10)."""
+    from fenchel.sharding import DataParallel, data_mesh
+
+    job = _job("dense:300", "adam", train_size=args.device_samples)
+    x, y = job.x_train, job.y_train
+    dp = DataParallel(data_mesh(n_devices))
+    layers = job.layers
+    base = LiftedTrainer(LiftedConfig(w_mode="primal_mm"), layers)
+    sharded = dp.wrap(base)
+    params = dp.replicate(job.params0)
+    batch = 8 * 100
+    step = timed(sharded.step, sharded.init(params), dp.shard(x[:batch]), dp.shard(y[:batch]), reps=args.reps)
+    x0, y0 = dp.shard(x), dp.shard(y)
+    sweep = timed(base.sweep, params, base.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
+    return {"devices": n_devices, "batch": batch, "step": step, "sweep_samples": int(x.shape[0]), "sweep": sweep}
+
+
+def section_devices(args, out: dict) -> None:
+    rows = []
+    for n in args.devices:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        cmd = [sys.executable, "-m", "experiments.bench", "--child-devices", str(n), "--reps", str(args.reps),
+               "--device-samples", str(args.device_samples)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"the {n}-device benchmark failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {n} host devices: step {rows[-1]['step']['median_s'] * 1e3:.1f} ms, "
+              f"sweep {rows[-1]['sweep']['median_s']:.3f} s", flush=True)
+    one = rows[0]
+    for row in rows:
+        row["step_over_one_device"] = row["step"]["median_s"] / one["step"]["median_s"]
+        row["sweep_over_one_device"] = row["sweep"]["median_s"] / one["sweep"]["median_s"]
+    out["devices"] = rows
+
+
+def section_memory(args, out: dict) -> None:
+    del args
+    mem = {"peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        mem["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+    out["memory"] = mem
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device": dev.device_kind, "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m experiments.bench", *sys.argv[1:]])}
+
+
+def print_tables(out: dict) -> None:
+    m = out["machine"]
+    print(f"\n## {m['device']} ({m['platform']}, {m['cpu_count']} CPU cores), jax {m['jax']}, {m['date']}")
+    if "epoch" in out:
+        print("\n| network | Adam epoch s | lifted epoch s | lifted / Adam | full-batch sweep s (samples) "
+              "| sweep / Adam epoch | lifted step ms (compile s) | Adam step ms (compile s) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in out["epoch"].items():
+            key = "epoch_s" if "lifted_epoch_s" in r else "epoch_from_steps_s"
+            star = "" if key == "epoch_s" else "*"
+            print(f"| {name} | {r['adam_' + key]:.2f}{star} | {r['lifted_' + key]:.2f}{star} | "
+                  f"{r['lifted_over_adam_epoch']:.2f} | {r['sweep']['median_s']:.3f} ({r['sweep_samples']}) | "
+                  f"{r['sweep_over_adam_epoch']:.2f} | {r['lifted_step']['median_s'] * 1e3:.1f} "
+                  f"({r['lifted_step']['compile_s']:.1f}) | {r['adam_step']['median_s'] * 1e3:.2f} "
+                  f"({r['adam_step']['compile_s']:.1f}) |")
+        print("(* median step × steps per epoch)")
+        if "matmul_peak" in out:
+            peak = out["matmul_peak"]
+            for name, r in out["epoch"].items():
+                if "sweep_achieved_flops" in r:
+                    print(f"{name}: sweep ≈ {r['sweep_achieved_flops'] / 1e12:.2f} TFLOP/s (GEMM estimate) against "
+                          f"a measured float32 matmul peak of {peak['float32_default_flops'] / 1e12:.1f} TFLOP/s "
+                          f"(default precision), {peak['float32_highest_flops'] / 1e12:.1f} (highest)")
+    if "blocks" in out:
+        print("\n| block (784-300-100-10, batch 100) | median ms | iterations (budget) | iterations to tolerance |")
+        print("|---|---|---|---|")
+        for r in out["blocks"]["rows"]:
+            print(f"| {r['block']} | {r['median_s'] * 1e3:.2f} | {r['steps']} ({r['budget']}) | {r['steps_to_tol']} |")
+    if "curves" in out:
+        for key, label in (("samples", "samples (784-300-10)"), ("width", "hidden width (784-W-10)")):
+            c = out["curves"][key]
+            print(f"\n| {label} | " + " | ".join(str(s) for s in c["sizes"]) + " | exponent |")
+            print("|---|" + "---|" * (len(c["sizes"]) + 1))
+            print("| sweep s | " + " | ".join(f"{t:.3f}" for t in c["seconds"]) + f" | {c['exponent']:.2f} |")
+        if out["curves"]["samples"].get("exponent_from_5000") is not None:
+            print(f"(samples ≥ 5000: exponent {out['curves']['samples']['exponent_from_5000']:.2f}; width curve on "
+                  f"{out['curves']['width']['samples']} samples)")
+    if "devices" in out:
+        print("\n| forced host devices | sharded step ms (batch 800) | / 1 device | full-batch sweep s | / 1 device |")
+        print("|---|---|---|---|---|")
+        for r in out["devices"]:
+            print(f"| {r['devices']} | {r['step']['median_s'] * 1e3:.1f} | {r['step_over_one_device']:.2f} | "
+                  f"{r['sweep']['median_s']:.3f} | {r['sweep_over_one_device']:.2f} |")
+    if "memory" in out:
+        print("\n" + ", ".join(f"{k}: {v:.0f}" for k, v in out["memory"].items()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the results here (JSON)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions; step-based epochs")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per figure (default 5, quick 3)")
+    p.add_argument("--epoch-reps", type=int, default=3, help="whole epochs per MLP trainer")
+    p.add_argument("--sweep-samples", type=int, default=60000, help="full-batch sweep size, MLPs")
+    p.add_argument("--lenet-sweep-samples", type=int, default=None,
+                   help="full-batch sweep size, LeNet-5 (default 60000 on a GPU, 5000 on a CPU)")
+    p.add_argument("--width-samples", type=int, default=None, help="samples of the width curve (GPU 60000, CPU 10000)")
+    p.add_argument("--devices", default="1,2,4,8", help="forced host device counts of the devices section")
+    p.add_argument("--device-samples", type=int, default=8000, help="full-batch size of the devices section")
+    p.add_argument("--child-devices", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.reps = args.reps or (3 if args.quick else 5)
+    if args.child_devices:
+        print(json.dumps(child_devices(args.child_devices, args)))
+        return
+    gpu = jax.devices()[0].platform == "gpu"
+    args.lenet_sweep_samples = args.lenet_sweep_samples or (60000 if gpu else 5000)
+    args.width_samples = args.width_samples or (60000 if gpu else 10000)
+    args.devices = [int(n) for n in args.devices.split(",") if n]
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    out = {"machine": machine()}
+    for name in SECTIONS:
+        if name in sections:
+            print(f"[{name}]", flush=True)
+            globals()[f"section_{name}"](args, out)
+    print_tables(out)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
