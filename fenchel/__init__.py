@@ -9,11 +9,13 @@ Public API:
   LiftedConfig, LiftedTrainer           block-coordinate descent (full batch, minibatch)
   Trainer, GradientTrainer, StepInfo    the trainer interface; backprop with an optax optimiser
   SolverConfig                          stopping rule of each block solve
+  heads.Head, heads.MERGES              K output branches merged by sum, mean or GuideBP's guide
 """
 
-from fenchel import layers
+from fenchel import heads, layers
 from fenchel.bcd import SCHEDULES, LiftedConfig, LiftedTrainer
 from fenchel.blocks import SolverConfig
+from fenchel.heads import MERGES, Head
 from fenchel.layers import Dense, init_params, mlp
 from fenchel.lifted import forward, lifted_objective, network_loss, objective_terms, regulariser
 from fenchel.penalties import ACTIVATIONS, Penalty, get_penalty, penalty
@@ -21,8 +23,8 @@ from fenchel.solvers import FISTA, Composite, Result, SolveInfo
 from fenchel.trainer import GradientTrainer, StepInfo, Trainer, make_optimizer
 
 __all__ = [
-    "ACTIVATIONS", "SCHEDULES", "Composite", "Dense", "FISTA", "GradientTrainer", "LiftedConfig", "LiftedTrainer",
-    "Penalty", "Result", "SolveInfo", "SolverConfig", "StepInfo", "Trainer", "forward", "get_penalty",
-    "init_params", "layers", "lifted_objective", "make_optimizer", "mlp", "network_loss", "objective_terms",
-    "penalty", "regulariser",
+    "ACTIVATIONS", "MERGES", "SCHEDULES", "Composite", "Dense", "FISTA", "GradientTrainer", "Head", "LiftedConfig",
+    "LiftedTrainer", "Penalty", "Result", "SolveInfo", "SolverConfig", "StepInfo", "Trainer", "forward",
+    "get_penalty", "heads", "init_params", "layers", "lifted_objective", "make_optimizer", "mlp", "network_loss",
+    "objective_terms", "penalty", "regulariser",
 ]

@@ -168,6 +168,10 @@ class LiftedTrainer(Trainer):
         self.x_block = jax.jit(self._x_block, static_argnums=0)
         self.w_block = jax.jit(self._w_block, static_argnums=0, static_argnames=("anchor_is_start",))
 
+    def with_config(self, config: LiftedConfig) -> "LiftedTrainer":
+        """The same network and head, trained with `config`."""
+        return LiftedTrainer(config, self.eval_layers, self.head)
+
     # ------------------------------------------------------------ Trainer interface
     def init(self, params):
         """The parameter list; with a head, (parameters with the K·C-column output layer, head state)."""

@@ -10,6 +10,9 @@ Blocks (P = F(u) + G(v) − c·u·v is the penalty, see `penalties`):
   X last:    min_X  κ Σ loss(Y, A(X; W_L) + b_L) + λ_{L−1} Σ P(U_{L−1}, X)
   W hidden:  min_{W,b} (λ_l/N) Σ P(A(X_l; W) + b, X_{l+1}) + ρ_l‖W‖² + ρ'‖(W, b) − anchor‖²
   W output:  min_{W,b} (1/N) Σ loss(Y, A(X_L; W) + b) + ρ_L‖W‖² + ρ'‖(W, b) − anchor‖²
+With a multi-branch head (`fenchel.heads`) the output layer has K·C columns and
+the loss is taken on the merged logits (A(X_L; W) + b) M, M fixed during the
+solve (`merge=` of the X-last and W-out blocks): still convex in X and in W.
 κ = `lbd_coef` (1 gives exact BCD). X blocks separate over samples: they are
 written per sample (sums over features) and so are solved either batched
 (one FISTA over the matrix, per-row momentum and stopping) or vmapped.

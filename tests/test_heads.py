@@ -273,3 +273,10 @@ def test_merges_are_table_columns_without_special_cases(tmp_path):
         acc = 100 * json.loads((tmp_path / merge / "summary.json").read_text())["test_accuracy"]
         assert f"Adam (merge={merge})" in header
         assert f"{acc:.2f} ± 0.00 (n=1)" in md
+
+
+def test_a_lifted_trainer_rebuilt_with_another_config_keeps_its_head():
+    trainer = fenchel.LiftedTrainer(fenchel.LiftedConfig(), NET, head=Head(K, "guide"))
+    other = trainer.with_config(fenchel.LiftedConfig(w_mode="primal_mm"))
+    assert other.head == trainer.head and other.layers == trainer.layers and other.config.w_mode == "primal_mm"
+    assert other.layers[-1].features == K * C and other.eval_layers[-1].features == C
