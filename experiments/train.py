@@ -105,13 +105,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     TRAINERS[c.trainer].check(c)
 
 
+# Fields added after runs existed, with the value every earlier run had: left out of a run's identity at that
+# value, so earlier workdirs keep their config hash (they resume, and their summaries are reused).
+ADDED_LATER = {"branches": 1, "merge": "sum"}
+
+
 def identity(config) -> dict:
     """What makes a run this run: the base fields and the fields its own trainer owns (config.json less the
-    fields of other trainers, so registering a new trainer does not change it, and less `NOT_IDENTITY`)."""
+    fields of other trainers, so registering a new trainer does not change it, less `NOT_IDENTITY`, and less
+    `ADDED_LATER` fields at their original value)."""
     values = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
     others = set(all_fields()) - set(TRAINERS[values["trainer"]].fields if values.get("trainer") in TRAINERS
                                      else ())
-    return {k: v for k, v in values.items() if k not in NOT_IDENTITY and k not in others}
+    return {k: v for k, v in values.items() if k not in NOT_IDENTITY and k not in others
+            and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def config_differences(saved: dict, config) -> list:

@@ -114,9 +114,14 @@ class DataParallel:
         shards (`lifted_config`)."""
         from fenchel.bcd import LiftedTrainer
 
-        if type(trainer) is LiftedTrainer and trainer.config.w_mode == "auto":
-            trainer = LiftedTrainer(self.lifted_config(trainer.config), trainer.layers)
+        if isinstance(trainer, LiftedTrainer) and trainer.config.w_mode == "auto":
+            trainer = trainer.with_config(self.lifted_config(trainer.config))
         return ShardedTrainer(trainer, self)
+
+
+@jax.jit
+def _take_rows(x, y, idx):
+    return x[idx], y[idx]
 
 
 class ShardedTrainer(Trainer):
@@ -141,6 +146,10 @@ class ShardedTrainer(Trainer):
         if not all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(state)):
             state = self.parallel.replicate(state)  # e.g. a state restored from a checkpoint (numpy)
         return self._step(state, self.parallel.shard(x), self.parallel.shard(y))
+
+    def step_on_rows(self, state: Any, x, y, idx) -> tuple[Any, StepInfo]:
+        """`step` on the rows idx of (x, y), every process gathering the same rows (see `experiments.loop`)."""
+        return self.step(state, *_take_rows(x, y, idx))
 
     def params(self, state):
         return self.trainer.params(state)

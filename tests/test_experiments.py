@@ -459,3 +459,17 @@ def test_registering_a_new_trainer_does_not_invalidate_existing_workdirs(tmp_pat
             train_and_evaluate(tiny(trainer="adam", total_epochs=2, train_size=400, momentum=0.5), tmp_path / "done")
     finally:
         trainers.unregister("later")
+
+
+def test_fields_added_later_keep_earlier_runs_identity():
+    """A config.json saved before `branches`/`merge` existed has the hash of today's config at their original
+    values (so such runs resume); another value is another run."""
+    from experiments.train import identity
+    from experiments.workdir import config_hash
+
+    today = tiny()
+    before = json.loads(today.to_json())
+    del before["branches"], before["merge"]
+    assert config_hash(identity(today)) == config_hash(identity(before))
+    today.branches = 3
+    assert config_hash(identity(today)) != config_hash(identity(before))

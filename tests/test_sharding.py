@@ -72,6 +72,25 @@ def test_sharded_minibatch_training_equals_one_device(schedule, net):
     _close(sharded.metrics(s8, x[:48], y[:48]), single.metrics(s1, x[:48], y[:48]))
 
 
+def test_sharded_lifted_trainer_keeps_its_guided_head():
+    """wrap() rebuilds an auto-form LiftedTrainer for the mesh; a GuideBP head (state: weakness scores) must
+    survive, and the sharded guided steps equal the one-device ones."""
+    from fenchel.heads import Head
+
+    x, y = _data(32, (5,), 3)
+    params = init_params(jax.random.PRNGKey(1), MLP, (5,), jnp.float64)
+    head = Head(3, "guide")
+    single = LiftedTrainer(LiftedConfig(w_mode="primal_mm"), MLP, head)
+    sharded = DataParallel(data_mesh(8)).wrap(LiftedTrainer(LiftedConfig(), MLP, head))
+    assert sharded.trainer.head is head and sharded.trainer.config.w_mode == "primal_mm"
+    s1, s8 = single.init(params), sharded.init(params)
+    for _ in range(2):
+        s1, _ = single.step(s1, x, y)
+        s8, _ = sharded.step(s8, x, y)
+    _close(s8, s1)
+    _close(sharded.params(s8), single.params(s1))
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_sharded_full_batch_bcd_equals_one_device(schedule):
     x, y = _data(80, (5,), 3, seed=2)
