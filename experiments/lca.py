@@ -1,8 +1,16 @@
 """Loss Change Allocation (Lan, Liu, Zhou, Dingle, Yosinski, NeurIPS 2019) of a recorded parameter path.
 
-    python -m experiments.lca --workdir D [--max-splits 32] [--tol 1e-3] [--eval-size N] [--full]
+    python -m experiments.lca --workdir D [--max-splits 32] [--tol 1e-3] [--eval-size N] [--full] [--whole-steps]
 
-D is a run trained with --config.record_every=k (snapshots θ_0, θ_k, θ_2k, … in D/history).
+D is a run trained with --config.record_every=k (snapshots θ_0, θ_k, θ_2k, … in D/history), or a lifted run
+with --config.record_staircase=True (record_every=1, alternations=1): then the history also holds, between θ_t
+and θ_{t+1}, the points where the W blocks of layers 0 … k−1 have moved and the others not (a "staircase":
+B = number of layers segments per minibatch step, one layer moving in each; history step (t−1)·B + k).
+With alternations=1 a minibatch update is one X step (weights unchanged) and then all W blocks, each a
+function of θ_t and the new X only, so these points are exactly those a block-by-block (Gauss–Seidel) W
+step in the order layer 0, 1, … passes through. Segments are grouped into iterations (minibatch steps;
+for record_every=k one segment each): the per-iteration figures use the LCA summed over an iteration's
+segments. --whole-steps allocates a staircase history's per-step snapshots only (into D/lca_steps).
 For each segment [θ_t, θ_{t+1}] with Δθ_t = θ_{t+1} − θ_t, the loss change splits over parameters:
 
     ΔL_t = L(θ_{t+1}) − L(θ_t) = Σ_i LCA_{t,i},   LCA_{t,i} = Δθ_{t,i} ∫₀¹ ∂_i L(θ_t + s Δθ_t) ds,
@@ -15,8 +23,11 @@ examples (default: all), with no regulariser. Gradients are float32 (the traject
 sums are accumulated in float64 numpy.
 
 Outputs in D/lca/: lca.npz (per segment: totals, per-layer and per-neuron sums, fraction helping,
-ΔL, splits, residuals), summary.json, lca_layers.png, lca_helping.png, lca_cumulative.png, and
-with --full lca_full.npz (every parameter's LCA per segment, float32).
+ΔL, splits, residuals, the layer that moved, for a staircase its block; per iteration (`iteration_*`):
+totals, ΔL, per-layer sums, fraction helping of all parameters and of those with LCA ≠ 0),
+summary.json (reconstruction error, per-layer totals, layers that hurt, layer synchrony: correlation
+of the layers' per-iteration LCA, share of iterations in which all layers help), lca_layers.png,
+lca_helping.png, lca_cumulative.png, and with --full lca_full.npz (every parameter's LCA per segment, float32).
 """
 
 from __future__ import annotations
@@ -236,15 +247,33 @@ class NetworkLoss:
 
 
 # ---------------------------------------------------------------- the driver
-def allocate_path(value_and_grads, trajectory, layout: Layout, tol=1e-3, max_splits=32, full=False, log=None):
-    """LCA of every segment of `trajectory` [T+1, P]; per-segment summaries (and [T, P] with full)."""
+def allocate_path(value_and_grads, trajectory, layout: Layout, tol=1e-3, max_splits=32, full=False, log=None,
+                  groups=None):
+    """LCA of every segment of `trajectory` [T+1, P]; per-segment and per-iteration summaries (and [T, P] with full).
+
+    groups: [T] non-decreasing iteration index of each segment (default: one iteration per segment); a
+    staircase path has one segment per W block, and its iteration sums are the minibatch step's allocation.
+    Per segment: total, ΔL, residual, splits, per-layer and per-neuron sums, the fraction of all parameters
+    that help (LCA < 0) and of those with LCA ≠ 0, and the one layer that moved (−1: several or none).
+    Per iteration (keys `iteration_*`): the same sums and fractions of the LCA summed over its segments.
+    """
     T = trajectory.shape[0] - 1
+    groups = np.arange(T) if groups is None else np.asarray(groups, np.int64)
+    if groups.shape != (T,) or np.any(np.diff(groups) < 0):
+        raise ValueError(f"groups must be a non-decreasing [T={T}] array, got shape {groups.shape}")
+    labels, first = np.unique(groups, return_index=True)
+    G = len(labels)
     out = {"total": np.zeros(T), "delta_L": np.zeros(T), "residual": np.zeros(T), "splits": np.zeros(T, np.int64),
-           "fraction_helping": np.zeros(T), "layer": np.zeros((T, layout.n_layers)),
-           "loss": np.zeros(T + 1)}
+           "fraction_helping": np.zeros(T), "fraction_helping_nonzero": np.zeros(T),
+           "moved_layer": np.full(T, -1, np.int64), "layer": np.zeros((T, layout.n_layers)),
+           "loss": np.zeros(T + 1), "iteration": labels, "iteration_segments": np.diff(np.append(first, T)),
+           "iteration_total": np.zeros(G), "iteration_delta_L": np.zeros(G),
+           "iteration_layer": np.zeros((G, layout.n_layers)),
+           "iteration_fraction_helping": np.zeros(G), "iteration_fraction_helping_nonzero": np.zeros(G)}
     neurons = [np.zeros((T, w)) for w in layout.widths]
     lca_full = np.zeros((T, layout.size), np.float32) if full else None
-    start = None
+    bounds = layout.offsets[::2]
+    start, acc, g = None, np.zeros(layout.size), 0
     for t in range(T):
         lca, splits, dL, end, residual = simpson_segment(value_and_grads, trajectory[t], trajectory[t + 1], tol,
                                                          max_splits, start=start)
@@ -254,40 +283,82 @@ def allocate_path(value_and_grads, trajectory, layout: Layout, tol=1e-3, max_spl
         start = end
         out["total"][t], out["delta_L"][t], out["residual"][t], out["splits"][t] = lca.sum(), dL, residual, splits
         out["fraction_helping"][t] = np.mean(lca < 0)
+        out["fraction_helping_nonzero"][t] = _fraction_helping_nonzero(lca)
+        moved = [i for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+                 if np.any(trajectory[t + 1, a:b] != trajectory[t, a:b])]
+        out["moved_layer"][t] = moved[0] if len(moved) == 1 else -1
         out["layer"][t] = layout.layer_sums(lca)
         for i, s in enumerate(layout.neuron_sums(lca)):
             neurons[i][t] = s
         if full:
             lca_full[t] = lca
+        acc += lca
+        if t + 1 == T or groups[t + 1] != groups[t]:  # the iteration's last segment
+            out["iteration_total"][g], out["iteration_layer"][g] = acc.sum(), layout.layer_sums(acc)
+            out["iteration_delta_L"][g] = out["loss"][t + 1] - out["loss"][first[g]]
+            out["iteration_fraction_helping"][g] = np.mean(acc < 0)
+            out["iteration_fraction_helping_nonzero"][g] = _fraction_helping_nonzero(acc)
+            acc, g = np.zeros(layout.size), g + 1
         if log is not None:
             log(f"segment {t + 1}/{T}: ΔL={dL:+.5f} ΣLCA−ΔL={residual:+.2e} splits={splits} "
-                f"helping={100 * out['fraction_helping'][t]:.1f}%")
+                f"helping={100 * out['fraction_helping'][t]:.1f}% "
+                f"({100 * out['fraction_helping_nonzero'][t]:.1f}% of LCA≠0)")
     out["cumulative_layer"] = np.cumsum(out["layer"], axis=0)
     for i, s in enumerate(neurons):
         out[f"neuron_layer_{i}"] = s
     return out, lca_full
 
 
+def _fraction_helping_nonzero(lca) -> float:
+    """Fraction of the parameters with LCA ≠ 0 that have LCA < 0 (0 when none is non-zero)."""
+    nonzero = np.count_nonzero(lca)
+    return float(np.sum(lca < 0) / nonzero) if nonzero else 0.0
+
+
+def layer_synchrony(iteration_layer) -> dict:
+    """Do layers learn in the same iterations? Pearson correlation of the per-iteration layer LCA series,
+    and the share of iterations in which every layer helps against the product of each layer's share
+    (what independent layers would give)."""
+    x = np.asarray(iteration_layer, FLOAT64)
+    helps = x < 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(x.T) if x.shape[0] > 1 else np.full((x.shape[1], x.shape[1]), np.nan)
+    return {"layer_correlation": [[None if not np.isfinite(v) else float(v) for v in row]
+                                  for row in np.atleast_2d(corr)],
+            "layer_helps_share": [float(v) for v in helps.mean(axis=0)],
+            "all_layers_help_share": float(np.mean(np.all(helps, axis=1))),
+            "all_layers_help_if_independent": float(np.prod(helps.mean(axis=0)))}
+
+
 def summarize(out: dict, layout: Layout, steps, tol, max_splits) -> dict:
-    """Whole-path figures: reconstruction error |Σ_t Σ_i LCA − Σ_t ΔL| / |Σ_t ΔL|, per-layer totals, …"""
+    """Whole-path figures: reconstruction error |Σ_t Σ_i LCA − Σ_t ΔL| / |Σ_t ΔL|, per-layer totals, fractions
+    helping per iteration, layer synchrony; `steps` are the snapshots' positions in minibatch steps."""
     total_lca, total_dL = float(np.sum(out["total"])), float(np.sum(out["delta_L"]))
     per_layer = {f"layer_{i}": float(v) for i, v in enumerate(out["layer"].sum(axis=0))}
+    helping = out["iteration_fraction_helping"]
     return {
-        "n_segments": int(len(out["total"])), "steps": [int(steps[0]), int(steps[-1])],
+        "n_segments": int(len(out["total"])), "n_iterations": int(len(helping)),
+        "steps": [float(steps[0]), float(steps[-1])],
         "n_parameters": int(layout.size), "loss_start": float(out["loss"][0]), "loss_end": float(out["loss"][-1]),
         "delta_L": total_dL, "total_lca": total_lca,
         "reconstruction_error": abs(total_lca - total_dL) / max(abs(total_dL), 1e-300),
         "max_segment_residual": float(np.max(np.abs(out["residual"]))) if len(out["residual"]) else 0.0,
         "segments_over_tol": int(np.sum(np.abs(out["residual"]) > tol)),
-        "mean_fraction_helping": float(np.mean(out["fraction_helping"])),
+        "mean_fraction_helping": float(np.mean(helping)),
+        "mean_fraction_helping_nonzero": float(np.mean(out["iteration_fraction_helping_nonzero"])),
+        "fraction_helping_first_iteration": float(helping[0]),
+        "median_fraction_helping_after_first": float(np.median(helping[1:])) if len(helping) > 1 else None,
         "per_layer_lca": per_layer, "layers_hurting": [k for k, v in per_layer.items() if v > 0],
+        "iterations_layer_hurts": [int(v) for v in np.sum(out["iteration_layer"] > 0, axis=0)],
+        **layer_synchrony(out["iteration_layer"]),
         "splits_mean": float(np.mean(out["splits"])), "splits_max": int(np.max(out["splits"])),
         "tol": float(tol), "max_splits": int(max_splits),
     }
 
 
-def write_plots(lca_dir: Path, out: dict, steps) -> list:
-    """Heat map (layers × segments), % of parameters helping per segment, cumulative LCA per layer."""
+def write_plots(lca_dir: Path, out: dict, steps, label: str = "") -> list:
+    """Heat map (layers × iterations), % of parameters helping per iteration, cumulative LCA per layer against
+    the step (`steps`: the snapshots' positions in minibatch steps; a staircase's fall between integers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +366,10 @@ def write_plots(lca_dir: Path, out: dict, steps) -> list:
 
     from experiments.workdir import atomic_write_bytes
 
-    start = np.asarray(steps[:-1])
-    layer = out["layer"].T
+    steps = np.asarray(steps, FLOAT64)
+    start = np.asarray(out["iteration"])
+    layer = out["iteration_layer"].T
+    suffix = f" — {label}" if label else ""
     written = []
 
     def save(fig, name):
@@ -306,39 +379,73 @@ def write_plots(lca_dir: Path, out: dict, steps) -> list:
         atomic_write_bytes(lca_dir / name, buf.getvalue())
         written.append(lca_dir / name)
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.15 * layer.shape[1] + 3), 1 + 0.5 * layer.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.08 * layer.shape[1] + 3), 1.2 + 0.5 * layer.shape[0]))
     vmax = float(np.max(np.abs(layer))) or 1.0
     im = ax.imshow(layer, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
     ax.set_yticks(range(layer.shape[0]), [f"layer_{i}" for i in range(layer.shape[0])])
     ticks = np.unique(np.linspace(0, layer.shape[1] - 1, min(8, layer.shape[1])).astype(int))
     ax.set_xticks(ticks, [str(start[i]) for i in ticks])
-    ax.set_xlabel("segment start step")
-    ax.set_title("LCA per layer (blue: helped, red: hurt)")
+    ax.set_xlabel("iteration (start step)")
+    ax.set_title("LCA per layer (blue: helped, red: hurt)" + suffix, fontsize=9)
     fig.colorbar(im, ax=ax, label="nats")
     save(fig, "lca_layers.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(start, 100 * out["fraction_helping"], marker=".")
-    ax.set_xlabel("segment start step")
+    ax.plot(start, 100 * out["iteration_fraction_helping"], marker=".", label="of all parameters")
+    ax.plot(start, 100 * out["iteration_fraction_helping_nonzero"], marker=".", label="of those with LCA ≠ 0")
+    ax.axhline(50, color="gray", lw=0.5)
+    ax.set_xlabel("iteration (start step)")
     ax.set_ylabel("% of parameters helping (LCA < 0)")
+    ax.set_title("parameters helping" + suffix, fontsize=9)
+    ax.legend(fontsize=8)
     save(fig, "lca_helping.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, series in enumerate(out["cumulative_layer"].T):
-        ax.plot(np.asarray(steps), np.concatenate([[0.0], series]), label=f"layer_{i}")
-    ax.plot(np.asarray(steps), np.concatenate([[0.0], np.cumsum(out["delta_L"])]), "k--", label="L(θ_t) − L(θ_0)")
+        ax.plot(steps, np.concatenate([[0.0], series]), label=f"layer_{i}")
+    ax.plot(steps, np.concatenate([[0.0], np.cumsum(out["delta_L"])]), "k--", label="L(θ_t) − L(θ_0)")
     ax.set_xlabel("step")
     ax.set_ylabel("cumulative LCA (nats)")
+    ax.set_title("cumulative LCA" + suffix, fontsize=9)
     ax.legend()
     save(fig, "lca_cumulative.png")
     return written
 
 
-def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=None) -> dict:
-    """Load D's config and history, allocate every segment, write D/lca/; returns the summary."""
+def staircase_blocks(steps, unit: int, layout: Layout, moved_layer) -> np.ndarray:
+    """Block (layer) of each staircase segment, steps[t] mod unit, after checking that consecutive history steps
+    differ by 1 and that no segment moves a layer other than its block; raises WorkdirError otherwise."""
+    from experiments.workdir import WorkdirError
+
+    steps = np.asarray(steps, np.int64)
+    gaps = np.flatnonzero(np.diff(steps) != 1)
+    if len(gaps):
+        raise WorkdirError(f"staircase history: snapshot {steps[gaps[0]]} is followed by {steps[gaps[0] + 1]}, "
+                           "not the next block; record it with record_every=1")
+    blocks = steps[:-1] % unit
+    bad = np.flatnonzero((moved_layer != blocks) & (moved_layer != -1))
+    if len(bad):
+        t = int(bad[0])
+        raise WorkdirError(f"staircase history: the segment from history step {steps[t]} moves layer "
+                           f"{moved_layer[t]}, not its block {blocks[t]}")
+    return blocks
+
+
+def run_config(saved: dict):
+    """A run's stored config.json as a ConfigDict, fields added to the launcher since then at their defaults."""
+    import json
+
     import ml_collections
 
-    from experiments.train import Job
+    from configs import default as default_config
+
+    return ml_collections.ConfigDict({**json.loads(default_config.get_config().to_json()), **saved})
+
+
+def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=None, whole_steps=False) -> dict:
+    """Load D's config and history, allocate every segment, write D/lca/ (D/lca_steps/ with whole_steps: a
+    staircase history's per-minibatch snapshots only); returns the summary."""
+    from experiments.train import Job, history_unit
     from experiments.workdir import Workdir, WorkdirError, atomic_write_bytes, atomic_write_json, read_history
 
     began = time.perf_counter()
@@ -354,14 +461,20 @@ def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=No
     steps, arrays = read_history(wd.path)
     if len(steps) == 0:
         raise WorkdirError(f"{wd.history_dir} holds no parameter history: run with --config.record_every=k")
-    if len(steps) < 2:
-        raise WorkdirError(f"{wd.history_dir} holds one snapshot (step {steps[0]}); LCA needs at least two: "
-                           "train longer or record more often")
     try:
         layout = Layout({k: v.shape[1:] for k, v in arrays.items()})
     except ValueError as err:
         raise WorkdirError(f"{wd.history_dir}: {err}") from None
-    job = Job(ml_collections.ConfigDict(config))
+    unit = history_unit(config, layout.n_layers)
+    if whole_steps:
+        if unit == 1:
+            raise ValueError(f"--whole-steps: {wd.path} holds no staircase history (record_staircase=False)")
+        keep = np.flatnonzero(np.asarray(steps) % unit == 0)
+        steps, arrays, unit = np.asarray(steps)[keep] // unit, {k: v[keep] for k, v in arrays.items()}, 1
+    if len(steps) < 2:
+        raise WorkdirError(f"{wd.history_dir} holds one snapshot (step {steps[0]}); LCA needs at least two: "
+                           "train longer or record more often")
+    job = Job(run_config(config))
     expected = {f"layer_{i}/{part}": tuple(np.shape(p[part])) for i, p in enumerate(job.params0)
                 for part in ("kernel", "bias")}
     got = {name: shape for name, shape in zip(layout.names, layout.shapes)}
@@ -378,23 +491,31 @@ def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=No
         raise ValueError(f"--eval-size={eval_size} must be between 1 and the {n} training examples")
     loss = NetworkLoss(layout, job.layers, job.penalty, job.x_train[:eval_size].astype("float32"),
                        job.y_train[:eval_size].astype("float32"))
-    out, lca_full = allocate_path(loss, trajectory, layout, tol, max_splits, full, log)
-    summary = summarize(out, layout, steps, tol, max_splits)
-    summary.update({"trainer": config.get("trainer"), "eval_size": eval_size,
-                    "gradient_evaluations": loss.calls, "node_batch": loss.node_batch})
-    lca_dir = wd.path / "lca"
+    steps = np.asarray(steps, np.int64)
+    out, lca_full = allocate_path(loss, trajectory, layout, tol, max_splits, full, log, groups=steps[:-1] // unit)
+    position = steps / unit  # minibatch steps (a staircase's inner points fall between integers)
+    if unit > 1:
+        out["block"] = staircase_blocks(steps, unit, layout, out["moved_layer"])
+        path = f"staircase ({unit} W blocks per minibatch step, layer_0 first)"
+    else:
+        gap = np.unique(np.diff(steps))
+        path = "every step" if gap.tolist() == [1] else f"every {', '.join(str(g) for g in gap)} steps"
+    summary = summarize(out, layout, position, tol, max_splits)
+    summary.update({"trainer": config.get("trainer"), "path": path, "segments_per_iteration": unit,
+                    "eval_size": eval_size, "gradient_evaluations": loss.calls, "node_batch": loss.node_batch})
+    lca_dir = wd.path / ("lca_steps" if whole_steps else "lca")
     lca_dir.mkdir(exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, steps=np.asarray(steps, np.int64), layer_names=np.asarray([f"layer_{i}" for i in
-                                                                            range(layout.n_layers)]), **out)
+    np.savez(buf, steps=steps, position=position, layer_names=np.asarray([f"layer_{i}" for i in
+                                                                        range(layout.n_layers)]), **out)
     atomic_write_bytes(lca_dir / "lca.npz", buf.getvalue())
     if full:
         buf = io.BytesIO()
-        np.savez(buf, steps=np.asarray(steps, np.int64),
+        np.savez(buf, steps=steps,
                  **{name: lca_full[:, a:b].reshape(-1, *shape) for name, a, b, shape in
                     zip(layout.names, layout.offsets, layout.offsets[1:], layout.shapes)})
         atomic_write_bytes(lca_dir / "lca_full.npz", buf.getvalue())
-    write_plots(lca_dir, out, steps)
+    write_plots(lca_dir, out, position, f"{config.get('trainer')}, {path}")
     summary["runtime_seconds"] = time.perf_counter() - began
     atomic_write_json(lca_dir / "summary.json", summary)
     return summary
@@ -407,12 +528,14 @@ def main(argv=None):
     parser.add_argument("--tol", type=float, default=1e-3, help="|Σ LCA − ΔL| per segment, nats")
     parser.add_argument("--eval-size", type=int, default=None, help="first N training examples (default: all)")
     parser.add_argument("--full", action="store_true", help="also write every parameter's LCA (lca_full.npz)")
+    parser.add_argument("--whole-steps", action="store_true",
+                        help="staircase history: allocate only the per-minibatch-step path (into D/lca_steps)")
     args = parser.parse_args(argv)
     from experiments.cli import USER_ERRORS, fail
 
     try:
         summary = run_lca(args.workdir, args.tol, args.max_splits, args.eval_size, args.full,
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), whole_steps=args.whole_steps)
     except KeyboardInterrupt:
         fail("interrupted; nothing in the lca folder was left half-written")
     except USER_ERRORS as err:

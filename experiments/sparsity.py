@@ -2,7 +2,8 @@
 
     python -m experiments.sparsity --workdir D [--eval-size 2000] [--batch-size 100]
 
-D is a run trained with --config.record_every=k (snapshots in D/history; a history is required).
+D is a run trained with --config.record_every=k (snapshots in D/history; a history is required; of a
+staircase history (record_staircase) only the snapshots after whole minibatch steps are used).
 For every snapshot, on the first --eval-size training examples in batches of --batch-size, the
 plain network's mean softmax cross-entropy is back-propagated and, per layer l, these are counted
 (exact zeros, `== 0`, in the run's precision):
@@ -301,9 +302,9 @@ def run_sparsity(workdir, eval_size: int = 2000, batch_size: int = 100, log=None
     """Load D's config and history, count every snapshot, write D/sparsity/; returns the json record."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
-    from experiments.train import Job
+    from experiments.lca import run_config
+    from experiments.train import Job, history_unit
     from experiments.trainers import lifted_config
     from experiments.workdir import Workdir, WorkdirError, atomic_write_json, read_history
     from fenchel.bcd import LiftedTrainer
@@ -322,7 +323,11 @@ def run_sparsity(workdir, eval_size: int = 2000, batch_size: int = 100, log=None
     eval_size, batch_size = int(eval_size), int(batch_size)
     if batch_size < 1:
         raise ValueError(f"--batch-size={batch_size} must be ≥ 1")
-    job = Job(ml_collections.ConfigDict(config))
+    job = Job(run_config(config))
+    unit = history_unit(job.config, len(job.layers))
+    if unit > 1:  # a staircase history: the snapshots after whole minibatch steps only
+        keep = np.flatnonzero(np.asarray(steps) % unit == 0)
+        steps, arrays = np.asarray(steps)[keep] // unit, {k: v[keep] for k, v in arrays.items()}
     n = int(job.x_train.shape[0])
     if not 1 <= eval_size <= n:
         raise ValueError(f"--eval-size={eval_size} must be between 1 and the {n} training examples")
@@ -343,7 +348,7 @@ def run_sparsity(workdir, eval_size: int = 2000, batch_size: int = 100, log=None
     lifted_source = "run" if trainer is not None else "config (run not lifted)"
     if trainer is None:
         try:
-            trainer = LiftedTrainer(lifted_config(ml_collections.ConfigDict(config)), job.layers)
+            trainer = LiftedTrainer(lifted_config(job.config), job.layers)
         except ValueError as err:  # e.g. an activation the lifted engine does not support
             trainer, lifted_source = None, f"none ({err})"
     nb = eval_size // batch_size

@@ -95,6 +95,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(c.divergence_factor > 1, f"divergence_factor={c.divergence_factor} must be > 1")
     need(c.record_every >= 0, f"record_every={c.record_every} must be ≥ 0 (0: off)")
     need(c.history_max_mb > 0, f"history_max_mb={c.history_max_mb} must be > 0")
+    if c.record_staircase:
+        lifted = c.trainer in TRAINERS and "alternations" in TRAINERS[c.trainer].fields
+        need(lifted, f"record_staircase=True needs a lifted trainer (one with alternations), not {c.trainer!r}")
+        need(c.alternations == 1, f"record_staircase=True needs alternations=1 (got {c.alternations}): with more "
+             "rounds the W blocks of a minibatch are not one move each and the staircase cannot be rebuilt")
+        need(c.record_every == 1, f"record_staircase=True needs record_every=1 (got {c.record_every})")
     need(c.mesh_data >= 0, f"mesh_data={c.mesh_data} must be ≥ 0 (0: all devices)")
     need(c.mesh_data <= 1 or c.batch_size % c.mesh_data == 0,
          f"batch_size={c.batch_size} is not divisible by mesh_data={c.mesh_data}; use a multiple of {c.mesh_data}")
@@ -107,7 +113,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 # Fields added after runs existed, with the value every earlier run had: left out of a run's identity at that
 # value, so earlier workdirs keep their config hash (they resume, and their summaries are reused).
-ADDED_LATER = {"branches": 1, "merge": "sum"}
+ADDED_LATER = {"branches": 1, "merge": "sum", "record_staircase": False, "lambda_update": "fixed", "lambda_step": 1.0,
+               "lambda_growth": 1.001, "lambda_max": 1e3, "budget_epochs": 0}
 
 
 def identity(config) -> dict:
@@ -219,6 +226,23 @@ def _flat_params(params) -> dict:
             for name, value in p.items()}
 
 
+def history_unit(config, n_layers: int) -> int:
+    """History steps per minibatch step: n_layers for a staircase (`record_staircase`), else 1.
+
+    A staircase history numbers θ after minibatch step t as t·B (B = n_layers) and, for k = 1 … B−1, the
+    point with layers 0 … k−1 taken from θ_t and the others from θ_{t−1} as (t−1)·B + k.
+    """
+    return int(n_layers) if config.get("record_staircase", False) else 1
+
+
+def staircase(before: dict, after: dict, n_layers: int) -> list:
+    """The B − 1 inner points of one staircase step: point k (1 ≤ k < B) has layers < k from `after`."""
+    def layer(name):
+        return int(name.split("/", 1)[0].split("_", 1)[1])
+
+    return [{name: (after[name] if layer(name) < k else before[name]) for name in after} for k in range(1, n_layers)]
+
+
 def _make_progress(config, total, initial):
     if not config.progress:
         return None
@@ -295,9 +319,10 @@ class _Run:
             print(f"note: {moved} record(s) after the checkpoint's epoch {start_epoch} moved to "
                   "metrics.superseded.jsonl; those epochs run again", file=sys.stderr)
         history = None
+        unit = history_unit(c, len(job.layers))
         if c.record_every > 0 and wd.writable:
             history = ParamHistory(wd, int(c.history_max_mb * 2**20))
-            history.discard_after(start_epoch * job.steps_per_epoch)
+            history.discard_after(start_epoch * job.steps_per_epoch * unit)
             if start_epoch == 0:
                 history.add(0, _flat_params(job.params0))
         if start_epoch:
@@ -312,13 +337,20 @@ class _Run:
                 if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
                     return {"interrupted_after_epoch": epoch - 1}
                 first_step = (epoch - 1) * job.steps_per_epoch
+                # staircase: θ before the step, whose layers the step's W blocks replace one at a time
+                before = [_flat_params(job.trainer.params(state))] if history is not None and unit > 1 else None
 
-                def on_step(i, n, s, first_step=first_step):
+                def on_step(i, n, s, first_step=first_step, before=before):
                     if progress is not None:
                         progress.update(1)
                     step = first_step + i + 1
                     if history is not None and step % c.record_every == 0:
-                        history.add(step, _flat_params(job.trainer.params(s)))
+                        after = _flat_params(job.trainer.params(s))
+                        if before is not None:
+                            for k, point in enumerate(staircase(before[0], after, unit), start=1):
+                                history.add((step - 1) * unit + k, point)
+                            before[0] = after
+                        history.add(step * unit, after)
 
                 state, result = job.fit_epoch(job.trainer, state, epoch, on_step=on_step)
                 if result.nonfinite or not _tree_finite(job.trainer.params(state)):

@@ -172,6 +172,54 @@ def test_path_on_an_analytic_loss_chains_segments():
     np.testing.assert_allclose(full.sum(axis=1), out["total"], rtol=1e-5)
 
 
+def test_iterations_sum_their_segments_like_a_staircase():
+    """Two minibatch steps of two one-layer segments each, on L = Σ exp(θ) (LCA_i = e^{b_i} − e^{a_i} exactly):
+    per-iteration sums, fractions over the step's summed LCA (not the mean of its segments'), moved layers."""
+    layout = lca.Layout({"layer_0/kernel": (2, 2), "layer_0/bias": (2,), "layer_1/kernel": (2, 1),
+                         "layer_1/bias": (1,)})
+    theta = np.array([0.1, -0.2, 0.3, 0.0, 0.5, -0.1, 0.2, 0.4, -0.3])
+    step1 = np.array([-0.4, 0.3, 0.3, -0.2, 0.1, -0.3, 0.6, 0.1, -0.5])  # some coordinates go down (help),
+    step2 = np.array([-0.5, 0.2, 0.1, -0.1, 0.1, -0.4, 0.5, 0.2, -0.5])  # some up (hurt), some stay (LCA 0)
+    points = [theta]
+    for end in (step1, step2):
+        for lo, hi in ((0, 6), (6, 9)):  # layer 0 moves, then layer 1
+            p = points[-1].copy()
+            p[lo:hi] = end[lo:hi]
+            points.append(p)
+    traj = np.stack(points)
+
+    def value_and_grads(pts):
+        return np.sum(np.exp(pts), axis=1), np.exp(pts)
+
+    out, _ = lca.allocate_path(value_and_grads, traj, layout, tol=1e-12, max_splits=256, groups=[0, 0, 1, 1])
+    np.testing.assert_array_equal(out["moved_layer"], [0, 1, 0, 1])
+    np.testing.assert_array_equal(out["iteration"], [0, 1])
+    np.testing.assert_array_equal(out["iteration_segments"], [2, 2])
+    for g, (a, b) in enumerate(((theta, step1), (step1, step2))):
+        exact = np.exp(b) - np.exp(a)
+        assert out["iteration_total"][g] == pytest.approx(exact.sum(), abs=1e-10)
+        assert out["iteration_delta_L"][g] == pytest.approx(exact.sum(), abs=1e-12)
+        np.testing.assert_allclose(out["iteration_layer"][g], [exact[:6].sum(), exact[6:].sum()], atol=1e-10)
+        assert out["iteration_fraction_helping"][g] == pytest.approx(np.mean(b < a))
+        assert out["iteration_fraction_helping_nonzero"][g] == pytest.approx(np.sum(b < a) / np.sum(b != a))
+    # per segment, over all 9 parameters: the fraction is diluted by the layer that does not move
+    np.testing.assert_allclose(out["fraction_helping"][:2], [np.sum(step1[:6] < theta[:6]) / 9,
+                                                             np.sum(step1[6:] < theta[6:]) / 9])
+    assert out["iteration_fraction_helping"][0] != pytest.approx(np.mean(out["fraction_helping"][:2]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lca.allocate_path(value_and_grads, traj, layout, groups=[0, 1, 0, 1])
+
+
+def test_layer_synchrony_by_hand():
+    x = np.array([[-1.0, -2.0], [-1.0, 1.0], [1.0, -1.0], [-3.0, -4.0]])
+    sync = lca.layer_synchrony(x)
+    assert sync["layer_helps_share"] == [0.75, 0.75]
+    assert sync["all_layers_help_share"] == 0.5
+    assert sync["all_layers_help_if_independent"] == pytest.approx(0.5625)
+    a, b = x[:, 0] - x[:, 0].mean(), x[:, 1] - x[:, 1].mean()
+    assert sync["layer_correlation"][0][1] == pytest.approx(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from experiments.train import train_and_evaluate
