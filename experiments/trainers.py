@@ -114,7 +114,7 @@ _ENGINE = {f.name: f.default for f in dataclasses.fields(LiftedConfig)}
 _PER_LAYER = {"lambdas": ("lambda_", "lambda_per_layer"), "rho": ("rho", "rho_per_layer"),
               "rho_prox": ("rho_prox", "rho_prox_per_layer")}
 _SAME_NAME = ("lbd_coef", "alternations", "schedule", "x_mode", "w_mode", "x_tol", "x_max_steps", "w_tol",
-              "w_max_steps")
+              "w_max_steps", "lambda_update", "lambda_step", "lambda_growth", "lambda_max")
 
 LIFTED_FIELDS = {
     **{key: _ENGINE[field] for field, (key, _) in _PER_LAYER.items()},
@@ -122,6 +122,7 @@ LIFTED_FIELDS = {
     **{name: _ENGINE[name] for name in _SAME_NAME},
     "objective_batch": 1000,  # training examples on which the lifted objective is logged
     "warm_start_epochs": 1,  # lifted weights → flax model → this many epochs of an optax optimiser (0: off)
+    "budget_epochs": 0,  # > 0: a fixed total budget; the warm start runs budget_epochs − total_epochs epochs
     "warm_start_optimizer": "adam",
     "warm_start_lr": 1e-4,
 }
@@ -161,6 +162,9 @@ def _check_lifted(c):
         raise ValueError(f"bad config: objective_batch={c.objective_batch} must be ≥ 1")
     if c.warm_start_epochs < 0:
         raise ValueError(f"bad config: warm_start_epochs={c.warm_start_epochs} must be ≥ 0")
+    if c.budget_epochs and not (c.total_epochs and c.budget_epochs >= c.total_epochs):
+        raise ValueError(f"bad config: budget_epochs={c.budget_epochs} needs total_epochs (the lifted epochs) set and "
+                         f"≤ budget_epochs; got total_epochs={c.total_epochs}")
     if c.warm_start_optimizer not in GRADIENT_DEFAULT_LR:
         raise ValueError(f"bad config: warm_start_optimizer={c.warm_start_optimizer!r}, expected one of "
                          f"{tuple(GRADIENT_DEFAULT_LR)}")
@@ -172,16 +176,22 @@ def _build_lifted(c, layers, penalty):
     return LiftedTrainer(lifted_config(c), layers, head_of(c))
 
 
+def warm_start_epochs(c) -> int:
+    """Epochs of the warm start: budget_epochs − total_epochs under a fixed budget, else warm_start_epochs."""
+    return c.budget_epochs - c.total_epochs if c.budget_epochs else c.warm_start_epochs
+
+
 def warm_start(job, state) -> dict:
     """Lifted weights → the flax network → warm_start_epochs of an optax optimiser (its own batch stream)."""
     c = job.config
-    if c.warm_start_epochs <= 0:
+    epochs = warm_start_epochs(c)
+    if epochs <= 0:
         return {}
     trainer = GradientTrainer(job.layers, job.penalty, _optimizer(c.warm_start_optimizer, c.warm_start_lr,
                                                                   c.momentum, "warm_start_lr"), c.loss)
     accs, wall = [], 0.0
     ws_state = trainer.init(job.trainer.params(state))
-    for epoch in range(1, c.warm_start_epochs + 1):
+    for epoch in range(1, epochs + 1):
         ws_state, result = job.fit_epoch(trainer, ws_state, epoch, fine_tune=True)
         wall += result.seconds
         accs.append(job.test_accuracy(trainer.params(ws_state)))

@@ -42,6 +42,11 @@ from fenchel.solvers import Result
 from fenchel.trainer import StepInfo, Trainer
 
 SCHEDULES = ("sequential", "parallel")
+LAMBDA_UPDATES = ("fixed", "continuation", "dual")
+BOUND_MAX_SWEEPS = 50  # X sweeps of the relaxation bound (metrics), each block solved to BOUND_X_TOL
+BOUND_X_TOL = 1e-6
+BOUND_X_MAX_STEPS = 200
+BOUND_RTOL = 1e-7  # the bound's sweeps stop once F decreases by less than this, relative
 PerLayer = Union[float, Sequence[float]]
 
 
@@ -60,6 +65,12 @@ class LiftedConfig:
     x_mode: X blocks batched over samples or vmapped ("batched", "vmap").
     w_mode: W-block solver form (`fenchel.layers.W_FORMS`; "auto": the layer chooses).
     x_tol, x_max_steps, w_tol, w_max_steps: stopping rule of each X / W block solve.
+    lambda_update: how λ changes during training (`LAMBDA_UPDATES`), after every minibatch update:
+      "fixed"         λ stays at `lambdas`;
+      "continuation"  λ_l ← min(lambda_growth · λ_l, lambda_max);
+      "dual"          dual ascent on the Lagrange relaxation of the constraints B_l(U_l, X_l+1) = 0:
+                      λ_l ← min(λ_l + lambda_step · p_l, lambda_max), p_l = (1/N) Σ_i B_l(U_l,i, X_l+1,i) ≥ 0
+                      at the update's (W, X) — a subgradient of the dual function; λ never decreases.
     """
 
     activation: str = "relu"
@@ -78,6 +89,10 @@ class LiftedConfig:
     x_max_steps: int = 10
     w_tol: float = 1e-4
     w_max_steps: int = 3
+    lambda_update: str = "fixed"
+    lambda_step: float = 1.0
+    lambda_growth: float = 1.001
+    lambda_max: float = 1e3
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -97,6 +112,12 @@ class LiftedConfig:
             if upper is not None:
                 need(all(v <= upper for v in vals), name, f"must be at most {upper:g}")
         need(self.lbd_coef > 0, "lbd_coef", "must be positive")
+        need(self.lambda_update in LAMBDA_UPDATES, "lambda_update",
+             f"unknown lambda_update; known: {', '.join(LAMBDA_UPDATES)}")
+        need(self.lambda_step > 0, "lambda_step", "must be positive")
+        need(self.lambda_growth >= 1, "lambda_growth", "must be ≥ 1 (λ grows under continuation)")
+        lams = list(self.lambdas) if isinstance(self.lambdas, (list, tuple)) else [self.lambdas]
+        need(max(lams) <= self.lambda_max <= 1e6, "lambda_max", f"must be in [max(lambdas) = {max(lams)}, 1e6]")
         need(int(self.alternations) >= 1, "alternations", "must be ≥ 1")
         for prefix in ("x", "w"):
             need(getattr(self, f"{prefix}_tol") > 0, f"{prefix}_tol", "must be positive")
@@ -165,6 +186,8 @@ class LiftedTrainer(Trainer):
         self.minibatch_update = jax.jit(self._minibatch_update)
         self.head_update = jax.jit(self._head_update)
         self.minibatch_objective = jax.jit(self._minibatch_objective)
+        self.multiplier_update = jax.jit(self._multiplier_update)
+        self.relaxation = jax.jit(self._relaxation)
         self.x_block = jax.jit(self._x_block, static_argnums=0)
         self.w_block = jax.jit(self._w_block, static_argnums=0, static_argnames=("anchor_is_start",))
 
@@ -174,14 +197,22 @@ class LiftedTrainer(Trainer):
 
     # ------------------------------------------------------------ Trainer interface
     def init(self, params):
-        """The parameter list; with a head, (parameters with the K·C-column output layer, head state)."""
+        """The parameter list; with a head, (parameters with the K·C-column output layer, head state); with a
+        λ update other than "fixed", (that state, λ as an array)."""
         params = [dict(p) for p in params]
         if self.head is None:
-            return params
-        params = self.head.expand(params)
-        return params, self.head.init_state(params)
+            inner = params
+        else:
+            params = self.head.expand(params)
+            inner = params, self.head.init_state(params)
+        if self.config.lambda_update == "fixed":
+            return inner
+        return inner, jnp.asarray(self.lambdas, dtype=params[0]["kernel"].dtype)
 
     def step(self, state, x, y):
+        if self.config.lambda_update != "fixed":
+            inner, lams, info = self.multiplier_update(*state, x, y)
+            return (inner, lams), StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
         if self.head is None:
             params, info = self.minibatch_update(state, x, y)
             return params, StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
@@ -190,6 +221,8 @@ class LiftedTrainer(Trainer):
 
     def params(self, state):
         """The network's weights; with a head, the evaluation network (mean of the branches' logits)."""
+        if self.config.lambda_update != "fixed":
+            state = state[0]
         return state if self.head is None else self.head.collapse(state[0])
 
     def metrics(self, state, x, y) -> dict:
@@ -198,45 +231,57 @@ class LiftedTrainer(Trainer):
         With a head: the merged objective with the state's merge (no weakness update), and for guide the branch
         guiding each class."""
         extra = {}
+        lams = None
+        if self.config.lambda_update != "fixed":
+            state, lams = state
+            extra["lambdas"] = [float(v) for v in lams]
+            lams = tuple(lams[l] for l in range(self.n_layers - 1))
         if self.head is None:
-            terms = self.minibatch_objective(state, x, y)
+            params, merge = state, None
         else:
             params, head_state = state
-            terms = self.minibatch_objective(params, x, y, self.head.matrix(head_state, x.dtype))
+            merge = self.head.matrix(head_state, x.dtype)
             if self.head.guided:
                 extra["guide_selection"] = [int(s) for s in heads.selection(head_state)]
+        terms = self.minibatch_objective(params, x, y, merge, lams)
+        network, bound, sweeps = self.relaxation(params, x, y, merge, lams)
         return {"lifted_objective": float(terms["total"]), "penalties": [float(p) for p in terms["penalties"]],
                 "network_loss_same_batch": float(terms["network_loss"]),
-                "regulariser": float(terms["regulariser"]), **extra}
+                "regulariser": float(terms["regulariser"]), "network_objective": float(network),
+                "lifted_bound": float(bound), "relaxation_gap": float(network - bound),
+                "bound_sweeps": int(sweeps), **extra}
 
     # ------------------------------------------------------------ objective
-    def _objective_terms(self, params, xs, x0, y, merge=None):
-        """Terms of F(W, X); with a head's `merge` M, the loss is loss(Y, U_L M) and ρ_L‖W_L‖² is on the stacked W_L."""
+    def _objective_terms(self, params, xs, x0, y, merge=None, lams=None):
+        """Terms of F(W, X); with a head's `merge` M, the loss is loss(Y, U_L M) and ρ_L‖W_L‖² is on the stacked W_L.
+        lams: the multipliers λ (default: the config's)."""
         c = self.config
+        lams = self.lambdas if lams is None else lams
         if merge is None:
-            return objective_terms(params, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.layers)
+            return objective_terms(params, xs, x0, y, self.penalty, lams, self.rhos, c.loss, self.layers)
         merged = [*params[:-1], heads.merge_layer(params[-1], merge)]
-        terms = objective_terms(merged, xs, x0, y, self.penalty, self.lambdas, self.rhos, c.loss, self.eval_layers)
+        terms = objective_terms(merged, xs, x0, y, self.penalty, lams, self.rhos, c.loss, self.eval_layers)
         reg = lifted.regulariser(params, self.rhos)
         return {**terms, "regulariser": reg, "total": terms["total"] - terms["regulariser"] + reg}
 
     # ------------------------------------------------------------ X blocks
-    def _x_block(self, l, params, xs, x0, y, merge=None):
+    def _x_block(self, l, params, xs, x0, y, merge=None, lams=None):
         """Update hidden activation X_l (1 ≤ l ≤ L) given its neighbours (merge: a head's M, last block only)."""
         c = self.config
+        lams = self.lambdas if lams is None else lams
         inputs = [x0, *xs]
         u_prev = preactivation(self.layers[l - 1], params[l - 1], inputs[l - 1])
         if l == self.n_layers - 1:
             return blocks.solve_x_last(
-                self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], y, self.lambdas[l - 1], c.loss,
+                self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], y, lams[l - 1], c.loss,
                 c.x_solver, c.x_mode, loss_weight=c.lbd_coef, merge=merge,
             )
         return blocks.solve_x_hidden(
-            self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], xs[l], self.lambdas[l - 1],
-            c.lbd_coef * self.lambdas[l], c.x_solver, c.x_mode,
+            self.penalty, xs[l - 1], u_prev, self.layers[l], params[l], xs[l], lams[l - 1],
+            c.lbd_coef * lams[l], c.x_solver, c.x_mode,
         )
 
-    def _x_step(self, params, xs, x0, y, merge=None):
+    def _x_step(self, params, xs, x0, y, merge=None, lams=None):
         """One pass over the X blocks in the configured schedule.
 
         sequential: X_L, …, X_1, each block reading the blocks already updated
@@ -248,21 +293,22 @@ class LiftedTrainer(Trainer):
         infos = []
         if self.config.schedule == "sequential":
             for l in range(n_hidden, 0, -1):
-                xs[l - 1], info = self._x_block(l, params, xs, x0, y, merge)
+                xs[l - 1], info = self._x_block(l, params, xs, x0, y, merge, lams)
                 infos.append(info)
         else:
             for parity in (1, 0):
                 layers = [l for l in range(1, n_hidden + 1) if l % 2 == parity]
-                new = [self._x_block(l, params, xs, x0, y, merge) for l in layers]  # all read the same xs
+                new = [self._x_block(l, params, xs, x0, y, merge, lams) for l in layers]  # all read the same xs
                 for l, (x, info) in zip(layers, new):
                     xs[l - 1] = x
                     infos.append(info)
         return xs, infos
 
     # ------------------------------------------------------------ W blocks
-    def _w_block(self, l, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None):
+    def _w_block(self, l, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):
         """Update layer l's (W, b) given X; layers are independent of each other (merge: a head's M)."""
         c = self.config
+        lams = self.lambdas if lams is None else lams
         inputs = [x0, *xs]
         anchor = None if anchors is None else anchors[l]
         if l == self.n_layers - 1:
@@ -271,18 +317,19 @@ class LiftedTrainer(Trainer):
                 self.rho_proxes[l], c.w_mode, anchor_is_start, merge,
             )
         return blocks.solve_w_hidden(
-            self.penalty, self.layers[l], params[l], inputs[l], xs[l], self.lambdas[l], self.rhos[l], c.w_solver,
+            self.penalty, self.layers[l], params[l], inputs[l], xs[l], lams[l], self.rhos[l], c.w_solver,
             anchor, self.rho_proxes[l], c.w_mode, anchor_is_start,
         )
 
-    def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None):
+    def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):
         """All W blocks at once (they are independent given X)."""
-        out = [self._w_block(l, params, xs, x0, y, anchors, anchor_is_start, merge) for l in range(self.n_layers)]
+        out = [self._w_block(l, params, xs, x0, y, anchors, anchor_is_start, merge, lams)
+               for l in range(self.n_layers)]
         return [p for p, _ in out], [i for _, i in out]
 
-    def _round(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None):
-        xs, x_infos = self._x_step(params, xs, x0, y, merge)
-        params, w_infos = self._w_step(params, xs, x0, y, anchors, anchor_is_start, merge)
+    def _round(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):
+        xs, x_infos = self._x_step(params, xs, x0, y, merge, lams)
+        params, w_infos = self._w_step(params, xs, x0, y, anchors, anchor_is_start, merge, lams)
         xr, xsteps, xbad = _worst(x_infos)
         wr, wsteps, wbad = _worst(w_infos)
         return params, xs, SweepInfo(xr, xsteps, wr, wsteps, xbad | wbad)
@@ -303,23 +350,94 @@ class LiftedTrainer(Trainer):
         evaluated here (it would cost a forward pass per step): use
         `objective_terms` / `minibatch_objective` at logging time.
         """
+        params, _, info = self._minibatch_rounds(params, x0, y, merge, xs)
+        return params, info
+
+    def _minibatch_rounds(self, params, x0, y, merge=None, xs=None, lams=None):
+        """`_minibatch_update` at multipliers `lams`; returns (params, X after the last round, SweepInfo)."""
         anchors = params
         if xs is None:
             xs = forward(params, x0, self.penalty, self.layers)[0]
         info = None
         for k in range(self.config.alternations):
-            params, xs, info = self._round(params, xs, x0, y, anchors, anchor_is_start=(k == 0), merge=merge)
-        return params, info
+            params, xs, info = self._round(params, xs, x0, y, anchors, anchor_is_start=(k == 0), merge=merge,
+                                           lams=lams)
+        return params, xs, info
 
     def _head_update(self, params, head_state, x0, y):
         """Minibatch BCD with a head: the weakness scores see the forward pass's logits, then M is fixed for the
         minibatch's rounds. Returns (params, head state, SweepInfo)."""
-        xs, logits = forward(params, x0, self.penalty, self.layers)
-        head_state = self.head.observe(head_state, logits, y, self.config.loss)
-        params, info = self._minibatch_update(params, x0, y, self.head.matrix(head_state, x0.dtype), xs)
+        params, head_state, _, info = self._head_rounds(params, head_state, x0, y)
         return params, head_state, info
 
-    def _minibatch_objective(self, params, x0, y, merge=None):
+    def _head_rounds(self, params, head_state, x0, y, lams=None):
+        xs, logits = forward(params, x0, self.penalty, self.layers)
+        head_state = self.head.observe(head_state, logits, y, self.config.loss)
+        params, xs, info = self._minibatch_rounds(params, x0, y, self.head.matrix(head_state, x0.dtype), xs, lams)
+        return params, head_state, xs, info
+
+    # ------------------------------------------------------------ multipliers λ
+    def layer_penalties(self, params, xs, x0) -> jax.Array:
+        """p_l = (1/N) Σ_i B_l(U_l,i, X_l+1,i) for each hidden layer l (unweighted by λ), shape (L,)."""
+        inputs = [x0, *xs]
+        return jnp.stack([jnp.sum(self.penalty.value(preactivation(self.layers[l], params[l], inputs[l]), xs[l]))
+                          / x0.shape[0] for l in range(self.n_layers - 1)])
+
+    def next_lambdas(self, lams, params, xs, x0) -> jax.Array:
+        """The `lambda_update` rule applied once (see `LiftedConfig`)."""
+        c = self.config
+        if c.lambda_update == "fixed":
+            return lams
+        if c.lambda_update == "continuation":
+            return jnp.minimum(lams * c.lambda_growth, c.lambda_max)
+        return jnp.minimum(lams + c.lambda_step * self.layer_penalties(params, xs, x0), c.lambda_max)
+
+    def _multiplier_update(self, inner, lams, x0, y):
+        """One minibatch update at λ = lams, then λ's update. Returns (inner state, λ, SweepInfo)."""
+        lam_t = tuple(lams[l] for l in range(self.n_layers - 1))
+        if self.head is None:
+            params, xs, info = self._minibatch_rounds(inner, x0, y, lams=lam_t)
+            inner = params
+        else:
+            params, head_state, xs, info = self._head_rounds(*inner, x0, y, lam_t)
+            inner = (params, head_state)
+        return inner, self.next_lambdas(lams, params, xs, x0), info
+
+    # ------------------------------------------------------------ the relaxation bound
+    @property
+    def _tight(self) -> "LiftedTrainer":
+        """This trainer with X blocks solved to BOUND_X_TOL (for the bound)."""
+        if getattr(self, "_tight_trainer", None) is None:
+            c = self.config
+            self._tight_trainer = self.with_config(dataclasses.replace(
+                c, x_tol=min(c.x_tol, BOUND_X_TOL), x_max_steps=max(c.x_max_steps, BOUND_X_MAX_STEPS)))
+        return self._tight_trainer
+
+    def _relaxation(self, params, x0, y, merge=None, lams=None):
+        """(J(W), min_X F(W, X), X sweeps): J is the network objective (mean loss + regulariser), equal to F at the
+        feed-forward X since B = 0 on the graph of φ; the minimum over X is approached by Gauss–Seidel X sweeps
+        from there, each block solved to BOUND_X_TOL, until F decreases by less than BOUND_RTOL (relative) or
+        BOUND_MAX_SWEEPS sweeps. Every sweep is monotone, so the value returned is ≤ J; it is the exact minimum
+        when X is one block (one hidden layer), and an upper estimate of it otherwise (F is only blockwise
+        convex in X)."""
+        tight = self._tight
+        xs = forward(params, x0, self.penalty, self.layers)[0]
+        start = self._objective_terms(params, xs, x0, y, merge, lams)["total"]
+
+        def cond(carry):
+            _, f_prev, f, k = carry
+            return (k < BOUND_MAX_SWEEPS) & ((k == 0) | (f_prev - f > BOUND_RTOL * jnp.abs(f)))
+
+        def body(carry):
+            xs, _, f, k = carry
+            xs, _ = tight._x_step(params, xs, x0, y, merge, lams)
+            return xs, f, tight._objective_terms(params, xs, x0, y, merge, lams)["total"], k + 1
+
+        _, _, bound, sweeps = jax.lax.while_loop(cond, body, (xs, start, start, jnp.zeros((), jnp.int32)))
+        return start, bound, sweeps
+
+
+    def _minibatch_objective(self, params, x0, y, merge=None, lams=None):
         """Terms of F after one X step from the forward pass at fixed W, and the network loss.
 
         For the Fenchel penalties (zero on the graph of φ) the forward pass
@@ -328,8 +446,8 @@ class LiftedTrainer(Trainer):
         is not a bound (F can exceed the network loss).
         """
         xs, logits = forward(params, x0, self.penalty, self.layers)
-        xs, _ = self._x_step(params, xs, x0, y, merge)
-        terms = self._objective_terms(params, xs, x0, y, merge)
+        xs, _ = self._x_step(params, xs, x0, y, merge, lams)
+        terms = self._objective_terms(params, xs, x0, y, merge, lams)
         terms["network_loss"] = jnp.mean(loss_per_sample(self.config.loss, y, logits if merge is None
                                                          else logits @ merge))
         return terms
@@ -343,6 +461,8 @@ class LiftedTrainer(Trainer):
         """
         if self.head is not None:
             raise ValueError("full-batch BCD supports the plain head only (branches=1); use minibatch steps")
+        if self.config.lambda_update != "fixed":
+            raise ValueError("full-batch BCD runs at fixed λ (lambda_update='fixed'); the λ updates are per minibatch")
         xs = self.forward(params, x0)
         history = [float(self.objective_terms(params, xs, x0, y)["total"])]
         for k in range(sweeps):
