@@ -521,8 +521,79 @@ def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=No
     return summary
 
 
+def compare_plot(sources, out) -> Path:
+    """One figure of several allocated paths (each a D/lca or D/lca_steps folder): % of parameters helping per
+    iteration, cumulative LCA per layer against the step, and each layer's total LCA."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.workdir import WorkdirError, atomic_write_bytes
+
+    runs = []
+    for src in sources:
+        src = Path(src)
+        try:
+            summary = json.loads((src / "summary.json").read_text())
+            with np.load(src / "lca.npz") as z:
+                data = {k: z[k] for k in ("position", "iteration", "iteration_fraction_helping", "cumulative_layer")}
+        except (OSError, KeyError, ValueError) as err:
+            raise WorkdirError(f"{src}: not an allocated path of this version of experiments.lca ({err}); run "
+                               "python -m experiments.lca --workdir on its run first") from None
+        path = "staircase" if summary.get("segments_per_iteration", 1) > 1 else summary.get("path", "")
+        runs.append((f"{summary.get('trainer')}, {path}", summary, data))
+    n_layers = max(d["cumulative_layer"].shape[1] for _, _, d in runs)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for c, (label, summary, d) in enumerate(runs):
+        color = f"C{c}"
+        axes[0].plot(d["iteration"], 100 * d["iteration_fraction_helping"], color=color, lw=1,
+                     label=f"{label} (mean {100 * summary['mean_fraction_helping']:.1f}%)")
+        for i, series in enumerate(d["cumulative_layer"].T):
+            axes[1].plot(d["position"], np.concatenate([[0.0], series]), color=color, ls=styles[i % 4], lw=1,
+                         label=f"{label}: layer_{i}")
+        totals = d["cumulative_layer"][-1]
+        width = 0.8 / len(runs)
+        axes[2].bar(np.arange(len(totals)) + (c - (len(runs) - 1) / 2) * width, totals, width, color=color,
+                    label=label)
+    axes[0].axhline(50, color="gray", lw=0.5)
+    axes[0].set(xlabel="iteration (minibatch step)", ylabel="% of parameters helping (LCA < 0)")
+    axes[1].set(xlabel="step", ylabel="cumulative LCA (nats)")
+    axes[2].set(ylabel="total LCA (nats)", xticks=range(n_layers), xticklabels=[f"layer_{i}" for i in range(n_layers)])
+    axes[2].axhline(0, color="gray", lw=0.5)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=6, ncol=2)
+    axes[2].legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.lca", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        parser = argparse.ArgumentParser(prog="python -m experiments.lca compare",
+                                         description=compare_plot.__doc__.splitlines()[0])
+        parser.add_argument("folders", nargs="+", help="D/lca or D/lca_steps folders written by this tool")
+        parser.add_argument("--out", required=True, help="the PNG to write")
+        args = parser.parse_args(argv[1:])
+        from experiments.cli import USER_ERRORS, fail
+
+        try:
+            print(compare_plot(args.folders, args.out))
+        except USER_ERRORS as err:
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return
+    parser = argparse.ArgumentParser(prog="python -m experiments.lca", description=__doc__.splitlines()[0],
+                                     epilog="python -m experiments.lca compare D1/lca D2/lca … --out F.png: "
+                                            "one figure of several paths")
     parser.add_argument("--workdir", required=True, help="a run trained with --config.record_every=k")
     parser.add_argument("--max-splits", type=int, default=32, help="most Simpson sub-intervals (a power of 2)")
     parser.add_argument("--tol", type=float, default=1e-3, help="|Σ LCA − ΔL| per segment, nats")

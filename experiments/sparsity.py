@@ -56,7 +56,7 @@ F'(U_l) − c·X_{l+1} there (U_l recomputed from the new X_l), and of its "inac
 (U_l ≤ 0 and X_{l+1} = 0). The output layer's block multiplies softmax − y (dense): not reported.
 
 Outputs in D/sparsity/: sparsity.json (per snapshot step and per layer: counts and fractions),
-sparsity.png (per-layer fractions against the step); the final snapshot's per-layer table is
+sparsity.png (per-layer fractions against the epoch); the final snapshot's per-layer table is
 printed as Markdown.
 """
 
@@ -254,8 +254,9 @@ def markdown_table(snapshot: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot(path: Path, snapshots: list[dict]) -> None:
-    """Per-layer fractions against the step: zeros of dL/dU and X_l, skippable MACs, lifted residual zeros."""
+def write_plot(path: Path, snapshots: list[dict], steps_per_epoch: int | None = None) -> None:
+    """Per-layer fractions against the step (against the epoch, step / steps_per_epoch, when given): zeros of
+    dL/dU and X_l, skippable MACs, lifted residual zeros."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,7 +264,7 @@ def write_plot(path: Path, snapshots: list[dict]) -> None:
 
     from experiments.workdir import atomic_write_bytes
 
-    steps = [s["step"] for s in snapshots]
+    steps = [s["step"] / (steps_per_epoch or 1) for s in snapshots]
     n_layers = len(snapshots[0]["layers"])
     lifted = "lifted" in snapshots[0]["layers"][0]
     fig, axes = plt.subplots(1, 3 if lifted else 2, figsize=(15 if lifted else 10, 4))
@@ -282,7 +283,7 @@ def write_plot(path: Path, snapshots: list[dict]) -> None:
             axes[2].plot(steps, series("zero_input_after_x_step", l + 1, "lifted"), marker=".", ls="--",
                          label=f"X_{l + 1} after X step")
     for ax in axes:
-        ax.set_xlabel("step")
+        ax.set_xlabel("epoch" if steps_per_epoch else "step")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("% exact zeros")
     axes[1].set_ylabel("% of MACs skippable (ideal)")
@@ -375,7 +376,8 @@ def run_sparsity(workdir, eval_size: int = 2000, batch_size: int = 100, log=None
            "geometry": geometry, "steps": [int(s) for s in steps], "snapshots": snapshots}
     sp_dir = wd.path / "sparsity"
     sp_dir.mkdir(exist_ok=True)
-    write_plot(sp_dir / "sparsity.png", snapshots)
+    out["steps_per_epoch"] = job.steps_per_epoch
+    write_plot(sp_dir / "sparsity.png", snapshots, job.steps_per_epoch)
     out["runtime_seconds"] = time.perf_counter() - began
     atomic_write_json(sp_dir / "sparsity.json", out)
     return out

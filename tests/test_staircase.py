@@ -126,6 +126,28 @@ def test_lca_of_a_staircase_step_sums_to_the_step_loss_change(runs):
         assert np.all(layer[h, others] == 0) and layer[h, h % N_LAYERS] != 0
 
 
+def test_compare_figure_of_the_paths(runs, tmp_path):
+    root, _ = runs
+    for d in ("stair", "steps"):
+        if not (root / d / "lca" / "summary.json").exists():
+            lca.run_lca(root / d, eval_size=100)
+    out = tmp_path / "fig" / "compare.png"
+    lca.main(["compare", str(root / "stair" / "lca"), str(root / "steps" / "lca"), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        lca.main(["compare", str(root / "plain"), "--out", str(out)])
+
+
+def test_sparsity_reads_a_staircase_at_its_whole_steps(runs):
+    from experiments import sparsity
+
+    root, _ = runs
+    stair = sparsity.run_sparsity(root / "stair", eval_size=100, batch_size=100)
+    steps = sparsity.run_sparsity(root / "steps", eval_size=100, batch_size=100)
+    assert stair["steps"] == steps["steps"] == list(range(STEPS + 1))
+    assert [s["network"] for s in stair["snapshots"]] == [s["network"] for s in steps["snapshots"]]
+
+
 def test_whole_steps_needs_a_staircase(runs):
     root, _ = runs
     with pytest.raises(ValueError, match="no staircase"):
