@@ -256,9 +256,6 @@ def _check_proxprop(c):
     if c.proxprop_optimizer not in _PP_OPTIMIZERS:
         raise ValueError(f"bad config: proxprop_optimizer={c.proxprop_optimizer!r}, expected one of "
                          f"{_PP_OPTIMIZERS}")
-    for spec in parse_layers(c.layers):
-        if spec.kind != "dense":
-            raise ValueError(f"bad config: trainer='proxprop' supports dense layers only, layers={c.layers!r}")
 
 
 def _build_proxprop(c, layers, penalty):

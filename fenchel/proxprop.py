@@ -1,8 +1,10 @@
-"""ProxProp (Frerix, Möllenhoff, Moeller, Cremers, ICLR 2018) for dense networks.
+"""ProxProp (Frerix, Möllenhoff, Moeller, Cremers, ICLR 2018) for dense and convolutional networks.
 
 Each hidden linear layer takes an implicit (proximal) step, the output layer an explicit one.
-For hidden layer l with inputs A = [X_l 1] ∈ R^{N×(n_in+1)} (a column of ones for the bias),
-parameters Θ = [W; b] ∈ R^{(n_in+1)×n_out}, pre-activations Z = AΘ_k and
+For hidden layer l with inputs A = [Z_l 1] (a column of ones for the bias), where Z_l is the layer's patch
+matrix (`spec.patches`: flatten(pool(X_l)) for a dense layer, one row per sample; for a convolution one row
+per sample × output position, k²C_in columns), parameters Θ = [W; b] (the kernel flattened to
+(fan_in, n_out)), pre-activations Z = AΘ_k and
 
     z^{k+½} = Z − τ ∂J/∂Z,     J = (1/N) Σ_i loss_i   (the mean batch loss),
 
@@ -56,12 +58,13 @@ def _with_ones(a: jax.Array) -> jax.Array:
 
 
 def _stack(layer: dict) -> jax.Array:
-    """Θ = [W; b], shape (n_in + 1, n_out)."""
-    return jnp.concatenate([layer["kernel"], layer["bias"][None, :]], axis=0)
+    """Θ = [W; b], shape (fan_in + 1, n_out), the kernel flattened as the patch matrix's columns are."""
+    kernel = layer["kernel"]
+    return jnp.concatenate([kernel.reshape(-1, kernel.shape[-1]), layer["bias"][None, :]], axis=0)
 
 
-def _unstack(theta: jax.Array) -> dict:
-    return {"kernel": theta[:-1], "bias": theta[-1]}
+def _unstack(theta: jax.Array, kernel_shape) -> dict:
+    return {"kernel": theta[:-1].reshape(kernel_shape), "bias": theta[-1]}
 
 
 def _spd_solve(m: jax.Array, r: jax.Array) -> jax.Array:
@@ -106,19 +109,13 @@ def solve_cg(a: jax.Array, g: jax.Array, tau_theta, steps: int) -> jax.Array:
 
 
 def precondition(a: jax.Array, g: jax.Array, tau_theta, solver: str = "exact", cg_steps: int = 10) -> jax.Array:
-    """(I/τ_θ + AᵀA)⁻¹ G for layer input A (without the ones column) and gradient G = ∇_Θ J, Θ = [W; b]."""
+    """(I/τ_θ + AᵀA)⁻¹ G for a layer's patch matrix (without the ones column) and G = ∇_Θ J, Θ = [W; b]."""
     a1 = _with_ones(a)
     if solver == "exact":
         return solve_exact(a1, g, tau_theta)
     if solver == "cg":
         return solve_cg(a1, g, tau_theta, cg_steps)
     raise ValueError(f"unknown ProxProp solver {solver!r}; known: {', '.join(SOLVERS)}")
-
-
-def _check_dense(layers: Sequence) -> None:
-    for spec in layers:
-        if getattr(spec, "kind", None) != "dense":
-            raise ValueError(f"ProxProp supports dense layers only, got {getattr(spec, 'kind', spec)!r}")
 
 
 def loss_and_inputs(params, x, y, penalty: Penalty, layers: Sequence, loss: str = "softmax"):
@@ -141,7 +138,6 @@ def proxprop_gradient(params, x, y, penalty: Penalty, layers: Sequence, loss: st
 
     With a multi-branch `head` (layers with the K·C-column output layer), J is the merged loss and the
     result is (J, g, head state')."""
-    _check_dense(layers)
     if head is None:
         (value, inputs), grads = jax.value_and_grad(loss_and_inputs, has_aux=True)(params, x, y, penalty, layers,
                                                                                     loss)
@@ -149,11 +145,12 @@ def proxprop_gradient(params, x, y, penalty: Penalty, layers: Sequence, loss: st
         (value, (inputs, head_state)), grads = jax.value_and_grad(_head_loss_and_inputs, has_aux=True)(
             params, x, y, penalty, layers, loss, head, head_state)
     out = []
-    for l, (grad, a) in enumerate(zip(grads, inputs)):
+    for l, (spec, grad, a) in enumerate(zip(layers, grads, inputs)):
         if l == len(params) - 1:
             out.append(dict(grad))
         else:
-            out.append(_unstack(precondition(jax.lax.stop_gradient(a), _stack(grad), tau_theta, solver, cg_steps)))
+            z = spec.patches(jax.lax.stop_gradient(a))
+            out.append(_unstack(precondition(z, _stack(grad), tau_theta, solver, cg_steps), grad["kernel"].shape))
     return (value, out) if head is None else (value, out, head_state)
 
 
@@ -185,7 +182,6 @@ class ProxPropTrainer(OptaxTrainer):
     def __init__(self, layers: Sequence, penalty: Penalty, tau: float = 1.0, tau_theta: float = 0.05,
                  solver: str = "exact", cg_steps: int = 10, optimizer: str = "sgd", learning_rate: float = 0.5,
                  loss: str = "softmax", head: Optional[Head] = None):
-        _check_dense(layers)
         if not tau > 0:
             raise ValueError(f"tau={tau} must be > 0")
         if not tau_theta > 0:
