@@ -250,3 +250,18 @@ def test_proxprop_trains_a_small_cnn_through_the_launcher(tmp_path):
                        total_epochs=1, batch_size=50, warm_start_epochs=0))
     summary = train_and_evaluate(config, tmp_path / "cnn")  # 40 steps; measured 80.6% (chance: 10%)
     assert summary["test_accuracy"] > 0.6
+
+
+def test_lr_sweep_records_divergence_and_plots(tmp_path):
+    """A diverging learning rate is a 'diverged' cell, not a number; the others are the runs' accuracies."""
+    from experiments.lr_sweep import report, sweep
+
+    config = load_config(ROOT / "configs" / "tiny.py")
+    config.update(dict(train_size=500, test_size=200, total_epochs=1, warm_start_epochs=0))
+    rows = sweep(config, tmp_path, [("sgd", "learning_rate")], [0.05, 1e4], [0])
+    ok, bad = rows
+    assert "test_accuracy" in ok and "diverged" in bad and "test_accuracy" not in bad
+    report(rows, tmp_path)
+    table = (tmp_path / "lr_sweep.md").read_text()
+    assert f"| 0.05 | {100 * ok['test_accuracy']:.2f} |" in table and "| 10000 | diverged |" in table
+    assert (tmp_path / "lr_sweep.png").stat().st_size > 1000
