@@ -446,21 +446,13 @@ def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=No
     """Load D's config and history, allocate every segment, write D/lca/ (D/lca_steps/ with whole_steps: a
     staircase history's per-minibatch snapshots only); returns the summary."""
     from experiments.train import Job, history_unit
-    from experiments.workdir import Workdir, WorkdirError, atomic_write_bytes, atomic_write_json, read_history
+    from experiments.workdir import WorkdirError, atomic_write_bytes, atomic_write_json, read_run_history
 
     began = time.perf_counter()
     max_splits = _check_splits(max_splits)
     if not tol >= 0:
         raise ValueError(f"--tol={tol} must be ≥ 0")
-    wd = Workdir(workdir)
-    if not wd.path.is_dir():
-        raise WorkdirError(f"{wd.path} is not a directory (expected a run's workdir)")
-    config = wd.read_config()
-    if config is None:
-        raise WorkdirError(f"{wd.config_path} not found: {wd.path} is not a run's workdir")
-    steps, arrays = read_history(wd.path)
-    if len(steps) == 0:
-        raise WorkdirError(f"{wd.history_dir} holds no parameter history: run with --config.record_every=k")
+    wd, config, steps, arrays = read_run_history(workdir)
     try:
         layout = Layout({k: v.shape[1:] for k, v in arrays.items()})
     except ValueError as err:

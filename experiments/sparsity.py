@@ -307,20 +307,11 @@ def run_sparsity(workdir, eval_size: int = 2000, batch_size: int = 100, log=None
     from experiments.lca import run_config
     from experiments.train import Job, history_unit
     from experiments.trainers import lifted_config
-    from experiments.workdir import Workdir, WorkdirError, atomic_write_json, read_history
+    from experiments.workdir import WorkdirError, atomic_write_json, read_run_history
     from fenchel.bcd import LiftedTrainer
 
     began = time.perf_counter()
-    wd = Workdir(workdir)
-    if not wd.path.is_dir():
-        raise WorkdirError(f"{wd.path} is not a directory (expected a run's workdir)")
-    config = wd.read_config()
-    if config is None:
-        raise WorkdirError(f"{wd.config_path} not found: {wd.path} is not a run's workdir")
-    steps, arrays = read_history(wd.path)
-    if len(steps) == 0:
-        raise WorkdirError(f"{wd.history_dir} holds no parameter history (this tool needs one): "
-                           "run with --config.record_every=k")
+    wd, config, steps, arrays = read_run_history(workdir)
     eval_size, batch_size = int(eval_size), int(batch_size)
     if batch_size < 1:
         raise ValueError(f"--batch-size={batch_size} must be ≥ 1")

@@ -591,3 +591,18 @@ def read_history(workdir_path) -> tuple[np.ndarray, dict]:
         raise WorkdirError(f"{history_dir} has overlapping chunks (steps do not increase); delete the chunks "
                            "written after the last good one")
     return all_steps, {k: np.concatenate(v) for k, v in arrays.items()}
+
+
+def read_run_history(workdir_path) -> tuple[Workdir, dict, np.ndarray, dict]:
+    """(Workdir, config.json, history steps, history arrays) of a finished or running run, for the analyses;
+    a WorkdirError naming the path if it is not a run's workdir or holds no parameter history."""
+    wd = Workdir(workdir_path)
+    if not wd.path.is_dir():
+        raise WorkdirError(f"{wd.path} is not a directory (expected a run's workdir)")
+    config = wd.read_config()
+    if config is None:
+        raise WorkdirError(f"{wd.config_path} not found: {wd.path} is not a run's workdir")
+    steps, arrays = read_history(wd.path)
+    if len(steps) == 0:
+        raise WorkdirError(f"{wd.history_dir} holds no parameter history: run with --config.record_every=k")
+    return wd, config, steps, arrays
