@@ -143,6 +143,7 @@ def _x_problem(penalty: Penalty, lam_prev, downstream: Callable) -> Callable:
         return Composite(
             smooth=lambda z: downstream(z, extra) - c * lam_prev * _row_sum(u_p * z),
             prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
+            prox_from=lambda z, s, x: penalty.prox_G(z, s * lam_prev, x),
             nonsmooth=lambda z: lam_prev * _row_sum(penalty.G(z)),
         )
 

@@ -57,6 +57,8 @@ class Composite(NamedTuple):
     grad: x ↦ ∇f(x) (default: autodiff of `smooth`).
     inner: (x, y) ↦ ⟨x, y⟩ (default: the Euclidean inner product of the leaves).
     norm: x ↦ ‖x‖ used for the residual (default: max-abs, per row if row-separable).
+    prox_from: (z, s, x) ↦ the same prox as `prox`, given the current iterate x as a start point;
+      an iterative prox (a root finder) then converges in a step or two near the solution.
     """
 
     smooth: Callable[[PyTree], jax.Array]
@@ -65,6 +67,7 @@ class Composite(NamedTuple):
     grad: Optional[Callable[[PyTree], PyTree]] = None
     inner: Optional[Callable[[PyTree, PyTree], jax.Array]] = None
     norm: Optional[Callable[[PyTree], jax.Array]] = None
+    prox_from: Optional[Callable[[PyTree, jax.Array, PyTree], PyTree]] = None
 
 
 class FISTAState(NamedTuple):
@@ -167,7 +170,11 @@ class FISTA:
             grad = jax.grad(lambda v: jnp.sum(problem.smooth(v)))(state.y)
         else:
             grad = problem.grad(state.y)
-        z = problem.prox(jax.tree_util.tree_map(lambda y, g: y - step_size * g, state.y, grad), step_size)
+        forward = jax.tree_util.tree_map(lambda y, g: y - step_size * g, state.y, grad)
+        if problem.prox_from is None:
+            z = problem.prox(forward, step_size)
+        else:
+            z = problem.prox_from(forward, step_size, state.x)
         diff_yz = jax.tree_util.tree_map(jnp.subtract, state.y, z)
         if problem.norm is None:
             max_abs = lambda a, axis=None: jnp.max(jnp.abs(a), axis=axis)  # noqa: E731

@@ -224,3 +224,49 @@ def test_prox_of_G_with_short_steps_matches_a_bracketing_root_finder(act):
         ref = np.array([phi(brentq(lambda t: s * t + phi(t) - zz, (zz - 1) / s - 1, (zz + 1) / s + 1, xtol=1e-14))
                         for zz in z])
         np.testing.assert_allclose(got, ref, atol=1e-7)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh"])
+def test_prox_of_G_does_not_depend_on_its_start_point(act):
+    """prox_G(z, s, guess) is the same root for any guess: at the domain's ends, far inside, at the answer.
+
+    FISTA passes its previous iterate as the guess; a bracket clipped wrongly or a stopping rule that trusts
+    a start point would return a guess-dependent point instead of the root (checked against brentq, float64).
+    """
+    from scipy.optimize import brentq
+
+    phi = (lambda t: 0.5 * (1 + np.tanh(t / 2))) if act == "sigmoid" else np.tanh
+    lo, hi = (0.0, 1.0) if act == "sigmoid" else (-1.0, 1.0)
+    pen = get_penalty(act)
+    rng = np.random.default_rng(3)
+    z = rng.uniform(-3, 3, 400)
+    s = rng.choice([1e-3, 0.05, 0.5, 5.0], 400)
+    ref = np.array([phi(brentq(lambda t: ss * t + phi(t) - zz, (zz - 1) / ss - 1, (zz + 1) / ss + 1, xtol=1e-14))
+                    for zz, ss in zip(z, s)])
+    guesses = [np.full_like(z, lo), np.full_like(z, hi), rng.uniform(lo, hi, z.shape), ref, np.full_like(z, 1e6)]
+    for guess in guesses:
+        got = np.asarray(pen.prox_G(jnp.asarray(z), jnp.asarray(s), jnp.asarray(guess)))
+        np.testing.assert_allclose(got, ref, atol=1e-10)
+
+
+def test_root_finder_started_near_the_root_stops_in_a_few_iterations():
+    """From the root: one iteration; from far away: the root all the same, after more iterations.
+
+    The warm start is what makes FISTA's prox calls cheap; a stopping rule that never fires would run to
+    max_iters every time (the test would see 50).
+    """
+    from fenchel.penalties import _monotone_root
+
+    def fn_and_slope(t):
+        return t**3 + t - 2.0, 3 * t**2 + 1.0  # increasing, root t = 1
+
+    lo, hi = jnp.full(5, -10.0), jnp.full(5, 10.0)
+    root, iters = _monotone_root(fn_and_slope, lo, hi, jnp.ones(5), max_iters=50, with_iters=True)
+    np.testing.assert_allclose(np.asarray(root), 1.0, atol=1e-12)
+    assert int(iters) == 1
+    near, iters_near = _monotone_root(fn_and_slope, lo, hi, jnp.full(5, 1.001), max_iters=50, with_iters=True)
+    np.testing.assert_allclose(np.asarray(near), 1.0, atol=1e-12)
+    assert int(iters_near) <= 4
+    far, iters_far = _monotone_root(fn_and_slope, lo, hi, jnp.full(5, -9.0), max_iters=50, with_iters=True)
+    np.testing.assert_allclose(np.asarray(far), 1.0, atol=1e-12)
+    assert int(iters_near) < int(iters_far) < 50
