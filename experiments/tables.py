@@ -205,13 +205,21 @@ def _extra_wall_key(key: str):
     return None
 
 
-def aggregate(runs, notes: list | None = None) -> Table:
-    """Group runs into cells of identical configs (seed aside) and average each cell."""
-    notes = [] if notes is None else notes
-    grouping = _Grouping(registry())
-    runs = _dedupe_same_runs(runs, grouping, notes)
+class Series(NamedTuple):
+    """Where a run belongs: its table row (dataset, architecture, setting), its trainer and column variant."""
 
-    # rows: dataset × architecture, split by the base fields that differ inside
+    row: tuple
+    trainer: str
+    variant: str
+
+
+def assign(runs, grouping: _Grouping | None = None) -> tuple[dict, dict, dict]:
+    """Each run's Series (by id(run)), with sort keys of the rows and of the (trainer, variant) columns.
+
+    Rows are dataset × architecture split by the base fields that vary inside; a trainer's own fields that vary
+    between its runs of some row split its columns. Tables and plots both group by this.
+    """
+    grouping = _Grouping(registry()) if grouping is None else grouping
     by_arch = {}
     for run in runs:
         by_arch.setdefault((run.summary["dataset"], run.summary["architecture"]), []).append(run)
@@ -223,7 +231,6 @@ def aggregate(runs, notes: list | None = None) -> Table:
             row = (dataset, arch, _label(values))
             row_of[id(run)], row_order[row] = row, (dataset, arch, _order(values))
 
-    # column variants: a trainer's own fields that differ between its runs of some row
     per_row_trainer = {}
     for run in runs:
         per_row_trainer.setdefault((row_of[id(run)], run.trainer), []).append(grouping.own(run))
@@ -231,12 +238,23 @@ def aggregate(runs, notes: list | None = None) -> Table:
     for (_, trainer), owns in per_row_trainer.items():
         variant_keys.setdefault(trainer, set()).update(_varying(owns))
 
-    cells, variant_order = {}, {}  # (row, trainer, variant label) → runs
+    series, variant_order = {}, {}
     for run in runs:
         values = {k: grouping.own(run).get(k, _MISSING) for k in variant_keys.get(run.trainer, ())}
-        variant = (run.trainer, _label(values))
-        variant_order[variant] = (grouping.rank(run.trainer), run.trainer, _order(values))
-        cells.setdefault((row_of[id(run)], *variant), []).append(run)
+        series[id(run)] = Series(row_of[id(run)], run.trainer, _label(values))
+        variant_order[(run.trainer, _label(values))] = (grouping.rank(run.trainer), run.trainer, _order(values))
+    return series, row_order, variant_order
+
+
+def aggregate(runs, notes: list | None = None) -> Table:
+    """Group runs into cells of identical configs (seed aside) and average each cell."""
+    notes = [] if notes is None else notes
+    grouping = _Grouping(registry())
+    runs = _dedupe_same_runs(runs, grouping, notes)
+    series, row_order, variant_order = assign(runs, grouping)
+    cells = {}  # (row, trainer, variant label) → runs
+    for run in runs:
+        cells.setdefault(tuple(series[id(run)]), []).append(run)
 
     columns, rows = [], {}
     for trainer, variant in sorted(variant_order, key=variant_order.get):
@@ -254,6 +272,23 @@ def aggregate(runs, notes: list | None = None) -> Table:
                     if column not in columns:
                         columns.append(column)
     return Table({row: rows[row] for row in sorted(rows, key=row_order.get)}, columns)
+
+
+def series_labels(runs) -> dict:
+    """id(run) → (label, sort key) of the run's table cell: its column title, after its row where `runs` span
+    several rows. Runs differing only in their seed share a label."""
+    grouping = _Grouping(registry())
+    series, row_order, variant_order = assign(runs, grouping)
+    several_rows = len({s.row for s in series.values()}) > 1
+    out = {}
+    for run in runs:
+        s = series[id(run)]
+        title = grouping.columns(s.trainer)[0][0]
+        label = f"{title} ({s.variant})" if s.variant else title
+        if several_rows:
+            label = " ".join(_row_title(s.row)) + ": " + label
+        out[id(run)] = (label, (row_order[s.row], variant_order[(s.trainer, s.variant)]))
+    return out
 
 
 def _cell(members, key, column, notes) -> Cell | None:
