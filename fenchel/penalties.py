@@ -113,8 +113,11 @@ def _monotone_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, wi
         lo = jnp.where(f < 0, t, lo)
         hi = jnp.where(f > 0, t, hi)
         newton = t - f / slope
-        accept = (newton >= lo) & (newton <= hi) & (jnp.abs(newton - t) < 0.5 * last_step)
-        t_next = jnp.where(accept, newton, 0.5 * (lo + hi))
+        # inside the bracket up to rounding (a root at one end of it, e.g. σ saturated, is common)
+        slack = rtol * (1.0 + jnp.abs(newton))
+        inside = (newton >= lo - slack) & (newton <= hi + slack)
+        accept = inside & ((i == 0) | (jnp.abs(newton - t) < 0.5 * last_step))
+        t_next = jnp.where(accept, jnp.clip(newton, lo, hi), 0.5 * (lo + hi))
         step = jnp.abs(t_next - t)
         scale = 1.0 + jnp.abs(t_next)
         now_done = (f == 0) | (accept & (step <= rtol * scale)) | (hi - lo <= atol * scale)
@@ -210,11 +213,10 @@ def _sigmoid_divergence(u, v):
     return _bernoulli_kl(v, 1.0 - v, u)
 
 
-def _logit(v, lo, hi):
-    """log(v/(1 − v)) of v clipped into (0, 1), finite at the ends (a start point for the prox)."""
+def _logit(v):
+    """log(v/(1 − v)) for v ∈ [0, 1], ±large at the ends (a start point for the prox, clipped to its bracket)."""
     tiny = jnp.finfo(jnp.result_type(v)).tiny
-    v = jnp.clip(v, lo, hi)
-    return jnp.log(jnp.maximum(v, tiny)) - jnp.log(jnp.maximum(1.0 - v, tiny))
+    return jnp.log(jnp.maximum(v, tiny) / jnp.maximum(1.0 - v, tiny))
 
 
 def _sigmoid_prox(z, s, guess=None):
@@ -231,7 +233,7 @@ def _sigmoid_prox(z, s, guess=None):
         sig = jax.nn.sigmoid(t)
         return s_safe * t + sig - z, s_safe + sig * (1.0 - sig)
 
-    t = _monotone_root(fn_and_slope, (z - 1.0) / s_safe, z / s_safe, _logit(v0, 0.0, 1.0))
+    t = _monotone_root(fn_and_slope, (z - 1.0) / s_safe, z / s_safe, _logit(jnp.clip(v0, 0.0, 1.0)))
     return jnp.where(s > 0, jax.nn.sigmoid(t), jnp.clip(z, 0.0, 1.0))
 
 
@@ -283,7 +285,7 @@ def _tanh_prox(z, s, guess=None):
         return s_safe * t + th - z, s_safe + 1.0 - th * th
 
     # atanh(v) = ½ logit((1 + v)/2)
-    t0 = 0.5 * _logit(0.5 * (1.0 + v0), 0.0, 1.0)
+    t0 = 0.5 * _logit(jnp.clip(0.5 * (1.0 + v0), 0.0, 1.0))
     t = _monotone_root(fn_and_slope, (z - 1.0) / s_safe, (z + 1.0) / s_safe, t0)
     return jnp.where(s > 0, jnp.tanh(t), jnp.clip(z, -1.0, 1.0))
 

@@ -270,3 +270,32 @@ def test_root_finder_started_near_the_root_stops_in_a_few_iterations():
     far, iters_far = _monotone_root(fn_and_slope, lo, hi, jnp.full(5, -9.0), max_iters=50, with_iters=True)
     np.testing.assert_allclose(np.asarray(far), 1.0, atol=1e-12)
     assert int(iters_near) < int(iters_far) < 50
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh"])
+def test_prox_of_G_from_its_own_answer_takes_few_root_iterations(act, monkeypatch):
+    """Warm-started at its answer, the prox's root finder stops within 3 iterations, saturated elements included.
+
+    With v = σ(t) ≈ 1 in float32 the root sits at one end of its bracket; a safeguard that rejects a Newton step
+    landing a rounding error outside the bracket bisected for ~23 iterations on every call (the FISTA X block
+    calls the prox once per iteration).
+    """
+    import fenchel.penalties as penalties
+
+    counts = []
+    root = penalties._monotone_root
+
+    def counting(*args, **kwargs):
+        t, iters = root(*args, **{**kwargs, "with_iters": True})
+        counts.append(int(iters))
+        return t
+
+    monkeypatch.setattr(penalties, "_monotone_root", counting)
+    pen = get_penalty(act)
+    z = jnp.asarray(np.random.default_rng(0).normal(0.5, 1.5, (100, 300)), jnp.float32)  # many saturated
+    s = jnp.float32(0.05)
+    v = pen.prox_G(z, s)
+    assert np.mean(np.abs(np.asarray(v)) > 1 - 1e-6) > 0.05  # the case is present
+    again = pen.prox_G(z, s, v)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(v), atol=1e-6)  # float32
+    assert counts[-1] <= 3, counts
