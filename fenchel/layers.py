@@ -118,6 +118,19 @@ def _check_form(spec, requested: str, mu) -> None:
         raise ValueError("w_mode='kernel_mm' needs ρ + ρ' > 0 (a strongly convex W block)")
 
 
+CONV_IMPLS = ("auto", "im2col", "lax")
+CONV_IMPL = "auto"  # the convolution's implementation; set it (tests do) to force one
+
+
+def conv_impl() -> str:
+    """"im2col" or "lax": `CONV_IMPL`, where "auto" means im2col on the CPU backend and lax elsewhere."""
+    if CONV_IMPL not in CONV_IMPLS:
+        raise ValueError(f"unknown CONV_IMPL {CONV_IMPL!r}; known: {', '.join(CONV_IMPLS)}")
+    if CONV_IMPL != "auto":
+        return CONV_IMPL
+    return "im2col" if jax.default_backend() == "cpu" else "lax"
+
+
 @dataclasses.dataclass(frozen=True)
 class Conv:
     """2-D convolution U = conv(pool(X), W) + b on NHWC maps; kernel (k, k, C_in, features) (flax's HWIO).
@@ -166,13 +179,34 @@ class Conv:
     def fan_in(self, in_shape: Sequence[int]) -> int:
         return self.kernel_size * self.kernel_size * self._check_input(in_shape)[2]
 
+    def _shifted_windows(self, x: jax.Array) -> jax.Array:
+        """im2col by k² strided slices of the padded, pooled input: (N, H', W', k²C), last axis in (kh, kw, c)
+        order, so that conv(pool(X), W) = windows · W.reshape(k²C, features)."""
+        x = avg_pool(x, self.pool)
+        k, s = self.kernel_size, self.stride
+        (ph, pw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding)
+        x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+        ho, wo = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+        return jnp.concatenate([x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+                                for i in range(k) for j in range(k)], axis=-1)
+
     def linear_map(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        """A(X; W) = conv(pool(X), W), NHWC × HWIO → NHWC."""
+        """A(X; W) = conv(pool(X), W), NHWC × HWIO → NHWC.
+
+        On the CPU as im2col (strided slices) times the kernel matrix: XLA:CPU runs a convolution inside a
+        `while_loop` (every FISTA iteration of an X block) about 3× slower than at top level, a matrix
+        product it does not (`experiments.bench` shows the block times). Elsewhere `lax.conv_general_dilated`.
+        """
+        if conv_impl() == "im2col":
+            return self._shifted_windows(x) @ kernel.reshape(-1, kernel.shape[-1])
         return lax.conv_general_dilated(avg_pool(x, self.pool), kernel, (self.stride, self.stride), self.padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def patches(self, x: jax.Array) -> jax.Array:
         """Z with rows (sample, output position) and columns (kh, kw, c) in kernel order: A(X; W) = Z W_flat."""
+        if conv_impl() == "im2col":
+            z = self._shifted_windows(x)
+            return z.reshape(-1, z.shape[-1])
         k = self.kernel_size
         z = lax.conv_general_dilated_patches(avg_pool(x, self.pool), (k, k), (self.stride, self.stride),
                                              self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -70,8 +70,17 @@ SPECS = [Conv(4, 3), Conv(4, 3, stride=2), Conv(4, 3, padding="SAME"), Conv(4, 3
          Conv(4, 3, pool=2), Conv(3, 2, stride=2, padding="SAME", pool=2), Dense(5, pool=2), Dense(5)]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_linear_maps_and_patches_match_numpy(spec):
+@pytest.fixture(params=["im2col", "lax"])
+def each_conv_impl(request, monkeypatch):
+    """Run a test with each implementation of the convolution (`fenchel.layers.CONV_IMPL`)."""
+    import fenchel.layers
+
+    monkeypatch.setattr(fenchel.layers, "CONV_IMPL", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("spec", SPECS + [Conv(3, 3, stride=2, padding="SAME"), Conv(2, 3, stride=2)], ids=repr)
+def test_linear_maps_and_patches_match_numpy(spec, each_conv_impl):
     x = RNG.normal(size=(3, 8, 8, 2))
     layer = spec.init(jax.random.PRNGKey(1), (8, 8, 2), jnp.float64)
     layer["bias"] = jnp.asarray(RNG.normal(size=layer["bias"].shape))
@@ -87,7 +96,7 @@ def test_linear_maps_and_patches_match_numpy(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS + [parse_layers("conv:3:3:same,pool:2,conv:2:3")], ids=repr)
-def test_adjoint_identity(spec):
+def test_adjoint_identity(spec, each_conv_impl):
     """⟨A x, y⟩ = ⟨x, Aᵀ y⟩ with Aᵀ from jax.linear_transpose, for each map and a composition."""
     specs = spec if isinstance(spec, tuple) else (spec,)
     shape = (2, 8, 8, 2)
