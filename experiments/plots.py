@@ -87,9 +87,12 @@ def make_plots(workdirs, out_dir) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7 if len(seen) > 6 else None)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        if len(seen) > 6:  # many cells: the legend goes to the right of the axes
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend()
+            fig.tight_layout()
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out / name)
     lifted = [c for c in curves if "lifted_objective" in c.records[0]]
@@ -108,9 +111,8 @@ def make_plots(workdirs, out_dir) -> list[Path]:
         ax.set_ylabel("objective on the logged batch")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "lifted_bound.png", dpi=120)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.savefig(out / "lifted_bound.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out / "lifted_bound.png")
     return written
