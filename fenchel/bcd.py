@@ -43,6 +43,7 @@ from fenchel.trainer import StepInfo, Trainer
 
 SCHEDULES = ("sequential", "parallel")
 LAMBDA_UPDATES = ("fixed", "continuation", "dual")
+LAMBDA_GRANULARITIES = ("layer", "neuron")
 BOUND_MAX_SWEEPS = 50  # X sweeps of the relaxation bound (metrics), each block solved to BOUND_X_TOL
 BOUND_X_TOL = 1e-6
 BOUND_X_MAX_STEPS = 200
@@ -71,6 +72,10 @@ class LiftedConfig:
       "dual"          dual ascent on the Lagrange relaxation of the constraints B_l(U_l, X_l+1) = 0:
                       λ_l ← min(λ_l + lambda_step · p_l, lambda_max), p_l = (1/N) Σ_i B_l(U_l,i, X_l+1,i) ≥ 0
                       at the update's (W, X) — a subgradient of the dual function; λ never decreases.
+    lambda_granularity: "layer" (one λ per penalty) or "neuron" (one λ per neuron — a channel of a conv
+      layer — of each hidden layer, each with its own dual-ascent step on its own mean penalty
+      p_l,j = (1/N) Σ_i Σ_positions B; `lambdas` is every neuron's start value). "neuron" needs
+      lambda_update="dual": the other updates treat every neuron of a layer alike.
     """
 
     activation: str = "relu"
@@ -93,6 +98,7 @@ class LiftedConfig:
     lambda_step: float = 1.0
     lambda_growth: float = 1.001
     lambda_max: float = 1e3
+    lambda_granularity: str = "layer"
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -115,6 +121,10 @@ class LiftedConfig:
         need(self.lambda_update in LAMBDA_UPDATES, "lambda_update",
              f"unknown lambda_update; known: {', '.join(LAMBDA_UPDATES)}")
         need(self.lambda_step > 0, "lambda_step", "must be positive")
+        need(self.lambda_granularity in LAMBDA_GRANULARITIES, "lambda_granularity",
+             f"unknown lambda_granularity; known: {', '.join(LAMBDA_GRANULARITIES)}")
+        need(self.lambda_granularity == "layer" or self.lambda_update == "dual", "lambda_granularity",
+             "per-neuron multipliers need lambda_update='dual' (fixed and continuation treat every neuron alike)")
         need(self.lambda_growth >= 1, "lambda_growth", "must be ≥ 1 (λ grows under continuation)")
         lams = list(self.lambdas) if isinstance(self.lambdas, (list, tuple)) else [self.lambdas]
         need(max(lams) <= self.lambda_max <= 1e6, "lambda_max", f"must be in [max(lambdas) = {max(lams)}, 1e6]")
@@ -198,7 +208,8 @@ class LiftedTrainer(Trainer):
     # ------------------------------------------------------------ Trainer interface
     def init(self, params):
         """The parameter list; with a head, (parameters with the K·C-column output layer, head state); with a
-        λ update other than "fixed", (that state, λ as an array)."""
+        λ update other than "fixed", (that state, λ): λ an array of one value per hidden layer, or with
+        lambda_granularity="neuron" a tuple of one array per hidden layer, one value per neuron."""
         params = [dict(p) for p in params]
         if self.head is None:
             inner = params
@@ -207,7 +218,11 @@ class LiftedTrainer(Trainer):
             inner = params, self.head.init_state(params)
         if self.config.lambda_update == "fixed":
             return inner
-        return inner, jnp.asarray(self.lambdas, dtype=params[0]["kernel"].dtype)
+        dtype = params[0]["kernel"].dtype
+        if self.config.lambda_granularity == "neuron":
+            return inner, tuple(jnp.full((self.layers[l].features,), self.lambdas[l], dtype)
+                                for l in range(self.n_layers - 1))
+        return inner, jnp.asarray(self.lambdas, dtype=dtype)
 
     def step(self, state, x, y):
         if self.config.lambda_update != "fixed":
@@ -234,8 +249,11 @@ class LiftedTrainer(Trainer):
         lams = None
         if self.config.lambda_update != "fixed":
             state, lams = state
-            extra["lambdas"] = [float(v) for v in lams]
             lams = tuple(lams[l] for l in range(self.n_layers - 1))
+            extra["lambdas"] = [float(jnp.mean(v)) for v in lams]  # per layer; with per-neuron λ their mean
+            if self.config.lambda_granularity == "neuron":
+                extra["lambdas_min"] = [float(jnp.min(v)) for v in lams]
+                extra["lambdas_max"] = [float(jnp.max(v)) for v in lams]
         if self.head is None:
             params, merge = state, None
         else:
@@ -379,9 +397,17 @@ class LiftedTrainer(Trainer):
     # ------------------------------------------------------------ multipliers λ
     def layer_penalties(self, params, xs, x0) -> jax.Array:
         """p_l = (1/N) Σ_i B_l(U_l,i, X_l+1,i) for each hidden layer l (unweighted by λ), shape (L,)."""
+        return jnp.stack([jnp.sum(p) for p in self.neuron_penalties(params, xs, x0)])
+
+    def neuron_penalties(self, params, xs, x0) -> tuple:
+        """p_l,j = (1/N) Σ_i Σ_positions B_l(U_l, X_l+1)_i,j for each hidden layer l: one array per layer, one value
+        per neuron j (a conv layer's channel; unweighted by λ)."""
         inputs = [x0, *xs]
-        return jnp.stack([jnp.sum(self.penalty.value(preactivation(self.layers[l], params[l], inputs[l]), xs[l]))
-                          / x0.shape[0] for l in range(self.n_layers - 1)])
+        out = []
+        for l in range(self.n_layers - 1):
+            b = self.penalty.value(preactivation(self.layers[l], params[l], inputs[l]), xs[l])
+            out.append(jnp.sum(b.reshape(-1, b.shape[-1]), axis=0) / x0.shape[0])
+        return tuple(out)
 
     def next_lambdas(self, lams, params, xs, x0) -> jax.Array:
         """The `lambda_update` rule applied once (see `LiftedConfig`)."""
@@ -390,6 +416,9 @@ class LiftedTrainer(Trainer):
             return lams
         if c.lambda_update == "continuation":
             return jnp.minimum(lams * c.lambda_growth, c.lambda_max)
+        if c.lambda_granularity == "neuron":
+            return tuple(jnp.minimum(lam + c.lambda_step * p, c.lambda_max)
+                         for lam, p in zip(lams, self.neuron_penalties(params, xs, x0)))
         return jnp.minimum(lams + c.lambda_step * self.layer_penalties(params, xs, x0), c.lambda_max)
 
     def _multiplier_update(self, inner, lams, x0, y):

@@ -75,6 +75,11 @@ def _row_sum(a: jax.Array) -> jax.Array:
     return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
 
 
+def _largest(lam):
+    """max_j λ_j of per-neuron multipliers; a scalar λ as it is (a Python float keeps its weak type)."""
+    return lam if jnp.ndim(lam) == 0 else jnp.max(lam)
+
+
 def _sq_norm(tree) -> jax.Array:
     return optax.tree_utils.tree_norm(tree, squared=True)
 
@@ -131,20 +136,21 @@ def weight_operator_norm_sq(spec, x_in, kernel, iters: int) -> jax.Array:
 
 # ---------------------------------------------------------------- X blocks
 def _x_problem(penalty: Penalty, lam_prev, downstream: Callable) -> Callable:
-    """Row data (U_prev, extra) ↦ the X block λ_prev Σ P(U_prev, X) + downstream(X, extra), per row.
+    """Row data (U_prev, extra) ↦ the X block Σ λ_prev P(U_prev, X) + downstream(X, extra), per row.
 
-    λ_prev Σ P(U_prev, X) = λ_prev Σ [G(X) − c·U_prev·X] + const: the G part is the
-    prox-friendly term, the coupling joins the smooth part.
+    Σ λ_prev P(U_prev, X) = Σ λ_prev [G(X) − c·U_prev·X] + const: the G part is the
+    prox-friendly term, the coupling joins the smooth part. λ_prev is a scalar or
+    one value per neuron (broadcast over X's last axis, its features or channels).
     """
     c = penalty.coupling
 
     def problem(rows):
         u_p, extra = rows
         return Composite(
-            smooth=lambda z: downstream(z, extra) - c * lam_prev * _row_sum(u_p * z),
+            smooth=lambda z: downstream(z, extra) - c * _row_sum(lam_prev * u_p * z),
             prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
             prox_from=lambda z, s, x: penalty.prox_G(z, s * lam_prev, x),
-            nonsmooth=lambda z: lam_prev * _row_sum(penalty.G(z)),
+            nonsmooth=lambda z: _row_sum(lam_prev * penalty.G(z)),
         )
 
     return problem
@@ -186,13 +192,17 @@ def solve_x_hidden(
     cfg: SolverConfig,
     mode: str = "batched",
 ) -> tuple[jax.Array, SolveInfo]:
-    """argmin_X λ_prev Σ P(U_prev, X) + λ_next Σ P(A(X; W) + b, X_next) (λ_next includes κ)."""
+    """argmin_X Σ λ_prev P(U_prev, X) + Σ λ_next P(A(X; W) + b, X_next) (λ_next includes κ).
+
+    Each λ is a scalar or one value per neuron of its layer (per-neuron multipliers); the
+    Lipschitz bound then takes the largest λ_next.
+    """
 
     def downstream(z, x_n):
-        return lam_next * _row_sum(penalty.smooth_u(preactivation(next_spec, next_layer, z), x_n))
+        return _row_sum(lam_next * penalty.smooth_u(preactivation(next_spec, next_layer, z), x_n))
 
     op = input_operator_norm_sq(next_spec, next_layer["kernel"], x.shape[1:], cfg.power_iters)
-    lip = jnp.maximum(cfg.lipschitz_margin * lam_next * penalty.curvature_u * op, _MIN_LIPSCHITZ)
+    lip = jnp.maximum(cfg.lipschitz_margin * _largest(lam_next) * penalty.curvature_u * op, _MIN_LIPSCHITZ)
     return _solve_rows(_x_problem(penalty, lam_prev, downstream), (penalty.project(x), u_prev, x_next), lip, cfg,
                        mode)
 
@@ -468,13 +478,17 @@ def solve_w_hidden(
     w_mode: str = "auto",
     anchor_is_start: bool = False,
 ) -> tuple[dict, SolveInfo]:
-    """argmin_{W,b} (λ/N) Σ P(A(X_in; W) + b, X_out) + ρ‖W‖² + ρ'‖(W, b) − anchor‖²."""
+    """argmin_{W,b} (1/N) Σ λ P(A(X_in; W) + b, X_out) + ρ‖W‖² + ρ'‖(W, b) − anchor‖².
+
+    λ is a scalar or one value per output neuron; the majoriser's curvature then takes the largest.
+    """
     n = x_in.shape[0]
 
     def fit(u):
-        return lam / n * jnp.sum(penalty.smooth_u(u, x_out))
+        return jnp.sum(lam * penalty.smooth_u(u, x_out)) / n
 
-    block = WBlock(spec, fit, lam / n * penalty.curvature_u, layer, x_in, rho, anchor, rho_prox, anchor_is_start)
+    block = WBlock(spec, fit, _largest(lam) / n * penalty.curvature_u, layer, x_in, rho, anchor, rho_prox,
+                   anchor_is_start)
     return solve_w(block, cfg, w_mode)
 
 

@@ -114,7 +114,7 @@ def objective_terms(
     penalties = []
     for l in range(n_layers - 1):
         u = preactivation(layers[l], params[l], inputs[l])
-        penalties.append(lambdas[l] * jnp.sum(penalty.value(u, xs[l])) / n)
+        penalties.append(jnp.sum(lambdas[l] * penalty.value(u, xs[l])) / n)  # λ_l: scalar or per neuron
     logits = preactivation(layers[-1], params[-1], inputs[-1])
     data_loss = jnp.mean(loss_per_sample(loss, y, logits))
     reg = regulariser(params, rho)

@@ -611,3 +611,68 @@ def test_x_last_block_of_a_merged_head(merge):
         return val, (lg @ m.T @ w.T + lam_prev * (ref_dG(act, z) - u_prev)).ravel()
 
     check_x_optimal(act, x, fg)
+
+
+# ---------------------------------------------------------------- per-neuron multipliers
+# λ with one value per neuron of its layer (LiftedConfig.lambda_granularity="neuron"), broadcast over the last axis.
+LAM_IN = np.array([0.3, 1.1, 2.5, 0.7, 1.9])  # one per input neuron (N_IN = 5 ≠ N = 9 ≠ N_OUT = 4)
+LAM_OUT = np.array([0.4, 2.2, 1.0, 3.1])  # one per output neuron
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid"])
+def test_x_hidden_block_with_per_neuron_lambdas(act):
+    """Σ_ij λ_prev,j B(U_prev, X)_ij + Σ_ik λ_next,k B(XW + b, X_next)_ik: KKT and L-BFGS-B. Catches λ applied along
+    the wrong axis, a mean λ in place of the vector, or a step size from the mean instead of the largest λ."""
+    pen = get_penalty(act)
+    layer, u_prev, x_next, x0 = x_hidden_problem(act, 61)
+    x, info = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, jnp.asarray(LAM_IN), jnp.asarray(LAM_OUT),
+                             TIGHT)
+    assert np.all(np.asarray(info.result) == Result.CONVERGED)
+    w, b = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+
+    def fg(flat):
+        z = flat.reshape(N, N_IN)
+        u = z @ w + b
+        val = np.sum(LAM_IN * ref_B(act, u_prev, z)) + np.sum(LAM_OUT * ref_B(act, u, x_next))
+        grad = LAM_IN * (ref_dG(act, z) - u_prev) + (LAM_OUT * (ref_phi(act, u) - x_next)) @ w.T
+        return val, grad.ravel()
+
+    check_x_optimal(act, x, fg)
+
+
+def test_x_last_block_with_per_neuron_lambdas():
+    pen = get_penalty("relu")
+    layer = layer_of(71, N_IN, N_OUT, 0.6)
+    u_prev = rand(72, (N, N_IN), 1.5)
+    y = np.eye(N_OUT)[np.arange(N) % N_OUT]
+    x0 = domain_point("relu", rand(73, (N, N_IN)))
+    x, info = solve_x_last(pen, x0, u_prev, Dense(N_OUT), layer, y, jnp.asarray(LAM_IN), "softmax", TIGHT)
+    assert np.all(np.asarray(info.result) == Result.CONVERGED)
+    w, b = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+
+    def fg(flat):
+        z = flat.reshape(N, N_IN)
+        lv, lg = ref_loss("softmax", y, z @ w + b)
+        return (np.sum(lv) + np.sum(LAM_IN * ref_B("relu", u_prev, z)),
+                (lg @ w.T + LAM_IN * (ref_dG("relu", z) - u_prev)).ravel())
+
+    check_x_optimal("relu", x, fg)
+
+
+@pytest.mark.parametrize("w_mode", ["primal", "kernel_mm"])
+def test_w_hidden_block_with_per_neuron_lambdas(w_mode):
+    """(1/N) Σ_ik λ_k B(XW + b, X_out)_ik + ρ‖W‖² + ρ'‖(W, b) − anchor‖²: optimal by hand, equal to L-BFGS-B."""
+    pen = get_penalty("relu")
+    x_in = rand(81, (N, N_IN))
+    x_out = domain_point("relu", rand(82, (N, N_OUT), 1.5))
+    layer = {"kernel": jnp.asarray(rand(83, (N_IN, N_OUT), 0.3)), "bias": jnp.zeros(N_OUT)}
+    anchor = layer_of(84, N_IN, N_OUT)
+    rho, rho_prox = 1e-2, 0.2
+    p, info = solve_w_hidden(pen, Dense(N_OUT), layer, x_in, x_out, jnp.asarray(LAM_OUT), rho, TIGHT, anchor,
+                             rho_prox, w_mode=w_mode)
+    assert int(info.result) == Result.CONVERGED
+
+    def fit(u):
+        return (np.sum(LAM_OUT * ref_B("relu", u, x_out)) / N, LAM_OUT * (ref_phi("relu", u) - x_out) / N)
+
+    check_w_optimal(p, w_objective(x_in, N_OUT, fit, rho, anchor, rho_prox))

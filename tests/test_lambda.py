@@ -54,6 +54,62 @@ def test_dual_ascent_adds_step_times_each_layers_mean_penalty_and_never_decrease
     assert float(capped.next_lambdas(lams, params, [jnp.asarray(x1), jnp.asarray(x2)], x0)[0]) == 50.0
 
 
+def test_per_neuron_dual_ascent_adds_each_neurons_mean_penalty():
+    """λ_l,j ← min(λ_l,j + η p_l,j, λ_max), p_l,j = (1/N) Σ_i B(U_l, X_l+1)_ij by numpy: a neuron on the graph keeps
+    its λ, the others grow by their own penalty (not the layer's), and the layer sums match the per-layer rule."""
+    layers = mlp((4, 6, 5, 3))
+    params = init_params(jax.random.PRNGKey(1), layers, (4,), jnp.float64)
+    x0, _ = _data(20, 4, 3)
+    (w0, b0), (w1, b1), _ = _np(params)
+    u0 = np.asarray(x0) @ w0 + b0
+    x1 = np.maximum(u0, 0.0) + 0.2 * np.abs(np.random.default_rng(0).normal(size=(20, 6)))
+    x1[:, 2] = np.maximum(u0[:, 2], 0.0)  # neuron 2 of layer 1 on the graph: p = 0
+    x2 = np.maximum(x1 @ w1 + b1, 0.0) + 0.1 * np.abs(np.random.default_rng(1).normal(size=(20, 5)))
+    trainer = LiftedTrainer(LiftedConfig(lambda_update="dual", lambda_granularity="neuron", lambda_step=0.5,
+                                         lambda_max=100.0), layers)
+    lams = trainer.init(params)[1]
+    assert [v.shape for v in lams] == [(6,), (5,)] and all(np.all(np.asarray(v) == 3.0) for v in lams)
+    xs = [jnp.asarray(x1), jnp.asarray(x2)]
+    new = trainer.next_lambdas(lams, params, xs, x0)
+    p1 = np.mean(np_relu_penalty(u0, x1), axis=0)
+    p2 = np.mean(np_relu_penalty(x1 @ w1 + b1, x2), axis=0)
+    np.testing.assert_allclose(np.asarray(new[0]), 3.0 + 0.5 * p1, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(new[1]), 3.0 + 0.5 * p2, rtol=1e-12, atol=1e-12)
+    assert float(new[0][2]) == 3.0 and np.all(np.delete(np.asarray(new[0]), 2) > 3.0)
+    np.testing.assert_allclose(np.asarray(trainer.layer_penalties(params, xs, x0)), [p1.sum(), p2.sum()], rtol=1e-12)
+    with pytest.raises(ValueError, match="lambda_granularity"):
+        LiftedConfig(lambda_granularity="neuron")  # fixed λ: every neuron alike
+    with pytest.raises(ValueError, match="lambda_granularity"):
+        LiftedConfig(lambda_update="dual", lambda_granularity="unit")
+
+
+def test_per_neuron_bound_is_below_the_network_objective_and_equal_lambdas_match_per_layer():
+    """With per-neuron λ the relaxation bound min_X F stays ≤ J(W); with every λ_l,j = λ_l the per-neuron objective,
+    bound and one training step equal the per-layer ones (a λ broadcast over samples instead of neurons, or a
+    dropped neuron, would break the equality)."""
+    layers = mlp((4, 6, 5, 3))
+    params = init_params(jax.random.PRNGKey(2), layers, (4,), jnp.float64)
+    x0, y = _data(30, 4, 3, seed=1)
+    layer_wise = LiftedTrainer(LiftedConfig(lambda_update="dual", lambda_step=0.3), layers)
+    neuron_wise = LiftedTrainer(LiftedConfig(lambda_update="dual", lambda_step=0.3, lambda_granularity="neuron"),
+                                layers)
+    s_layer, s_neuron = layer_wise.init(params), neuron_wise.init(params)
+    s_layer, _ = layer_wise.step(s_layer, x0, y)  # the first step runs at λ_l,j = λ_l = 3 in both
+    s_neuron, _ = neuron_wise.step(s_neuron, x0, y)
+    for a, b in zip(layer_wise.params(s_layer), neuron_wise.params(s_neuron)):
+        np.testing.assert_allclose(np.asarray(a["kernel"]), np.asarray(b["kernel"]), rtol=1e-10, atol=1e-12)
+    # λ's update then adds each neuron's own penalty: λ differs between neurons, its sum grows as the layer's does
+    for lam_l, lam_n in zip(s_layer[1], s_neuron[1]):
+        np.testing.assert_allclose(float(jnp.sum(lam_n - 3.0)), float(lam_l - 3.0), rtol=1e-10)
+    lam_neuron = s_neuron[1]
+    assert any(float(jnp.max(v) - jnp.min(v)) > 0 for v in lam_neuron)
+    net, bound, _ = neuron_wise.relaxation(neuron_wise.params(s_neuron), x0, y, None, tuple(lam_neuron))
+    assert float(bound) <= float(net) + 1e-12
+    m = neuron_wise.metrics(s_neuron, x0, y)
+    assert len(m["lambdas"]) == 2 and all(lo <= mean <= hi for lo, mean, hi in
+                                          zip(m["lambdas_min"], m["lambdas"], m["lambdas_max"]))
+
+
 @pytest.mark.parametrize("rule", ["dual", "continuation"])
 def test_lambda_sequence_over_training_steps(rule):
     """Dual: λ never decreases and grows at every minibatch step (the X step leaves B > 0); continuation: λ_k =
@@ -164,8 +220,9 @@ def test_fixed_budget_warm_start_spends_exactly_the_budget(tmp_path):
         validate_config(_tiny(total_epochs=3, budget_epochs=2))
 
 
-def test_dual_run_logs_lambda_and_gap_and_resumes_exactly(tmp_path):
-    config = _tiny(total_epochs=2, lambda_update="dual", lambda_step=1.0)
+@pytest.mark.parametrize("granularity", ["layer", "neuron"])
+def test_dual_run_logs_lambda_and_gap_and_resumes_exactly(tmp_path, granularity):
+    config = _tiny(total_epochs=2, lambda_update="dual", lambda_step=1.0, lambda_granularity=granularity)
     whole = train_and_evaluate(config, tmp_path / "whole")
     assert train_and_evaluate(config, tmp_path / "cut", max_epochs_this_run=1) == {"interrupted_after_epoch": 1}
     resumed = train_and_evaluate(config, tmp_path / "cut")
@@ -174,6 +231,7 @@ def test_dual_run_logs_lambda_and_gap_and_resumes_exactly(tmp_path):
     assert len(recs) == len(cut) == 2
     for a, b in zip(recs, cut):  # λ is part of the checkpointed state
         assert a["lambdas"] == b["lambdas"] and a["relaxation_gap"] == b["relaxation_gap"]
+        assert a.get("lambdas_max") == b.get("lambdas_max") and ("lambdas_max" in a) == (granularity == "neuron")
     lams = [r["lambdas"][0] for r in recs]
     assert 3.0 < lams[0] < lams[1]  # grew from λ = 3 in every epoch
     for r in recs:
