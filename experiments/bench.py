@@ -10,6 +10,8 @@ compile time (first call minus median) is reported separately. Sections (`--sect
            784-300-10, 784-300-100-10 and LeNet-5, in one run; MLP epochs are run whole through the shared
            epoch loop, LeNet-5's are median step × steps per epoch. JSON: `lifted_over_adam_epoch`
            (784-300-10, whole epochs) and the per-architecture ratios.
+  activations  whole epochs (784-300-10, `--activation-samples` images) of lifted and Adam training with each
+           activation, in one run, as ratios to the ReLU lifted epoch (JSON: `activations`).
   blocks   each block of a 784-300-100-10 minibatch update: median time at the default iteration budget and
            the iterations each needs to reach its tolerance (budget raised to 1000).
   layers   equal-width hidden W blocks solved as a list in one program against vmapped over stacked layers.
@@ -44,10 +46,11 @@ from configs import mnist_lenet5, mnist_mlp
 from experiments import loop
 from experiments.train import Job
 from fenchel import LiftedConfig, LiftedTrainer, init_params, mlp
+from fenchel.penalties import ACTIVATIONS
 
 ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:100",
                  "lenet5": mnist_lenet5.get_config().layers}
-SECTIONS = ("epoch", "blocks", "layers", "curves", "devices", "memory")
+SECTIONS = ("epoch", "activations", "blocks", "layers", "curves", "devices", "memory")
 
 
 def timed(fn, *args, reps: int = 5) -> dict:
@@ -69,9 +72,9 @@ def growth_exponent(sizes, seconds) -> float:
     return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0])
 
 
-def _job(layers: str, trainer: str, train_size: int = 0):
+def _job(layers: str, trainer: str, train_size: int = 0, **fields):
     base = mnist_lenet5.get_config() if layers == ARCHITECTURES["lenet5"] else mnist_mlp.get_config()
-    base.update(dict(layers=layers, trainer=trainer, progress=False, train_size=train_size, test_size=100))
+    base.update(dict(layers=layers, trainer=trainer, progress=False, train_size=train_size, test_size=100, **fields))
     return Job(base)
 
 
@@ -280,6 +283,30 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m experiments.bench", *sys.argv[1:]])}
 
 
+def section_activations(args, out: dict) -> None:
+    """Whole lifted and Adam epochs per activation; the epochs of all jobs interleave, so machine noise hits all."""
+    jobs = {(trainer, act): _job(ARCHITECTURES["784-300-10"], trainer, args.activation_samples, activation=act)
+            for act in ACTIVATIONS for trainer in ("fenchel", "adam")}
+    states = {}
+    for key, job in jobs.items():  # warm-up (compilation) epoch
+        states[key] = job.trainer.init(job.params0)
+        loop.run_epoch(job.trainer, states[key], job.x_train, job.y_train, seed=0, epoch=0, batch_size=100)
+    seconds = {key: [] for key in jobs}
+    for e in range(args.epoch_reps):
+        for key, job in jobs.items():
+            seconds[key].append(loop.run_epoch(job.trainer, states[key], job.x_train, job.y_train, seed=0,
+                                               epoch=e + 1, batch_size=100)[1].seconds)
+    median = {key: statistics.median(v) for key, v in seconds.items()}
+    relu = median[("fenchel", "relu")]
+    rows = [{"activation": act, "lifted_epoch_s": median[("fenchel", act)], "adam_epoch_s": median[("adam", act)],
+             "lifted_over_relu_lifted": median[("fenchel", act)] / relu,
+             "lifted_over_adam": median[("fenchel", act)] / median[("adam", act)]} for act in ACTIVATIONS]
+    out["activations"] = {"samples": args.activation_samples, "epochs": args.epoch_reps, "rows": rows}
+    for r in rows:
+        print(f"  {r['activation']}: lifted epoch {r['lifted_epoch_s']:.2f} s = {r['lifted_over_relu_lifted']:.2f}x "
+              f"ReLU's", flush=True)
+
+
 def print_tables(out: dict) -> None:
     m = out["machine"]
     print(f"\n## {m['device']} ({m['platform']}, {m['cpu_count']} CPU cores), jax {m['jax']}, {m['date']}")
@@ -303,6 +330,14 @@ def print_tables(out: dict) -> None:
                     print(f"{name}: sweep ≈ {r['sweep_achieved_flops'] / 1e12:.2f} TFLOP/s (GEMM estimate) against "
                           f"a measured float32 matmul peak of {peak['float32_default_flops'] / 1e12:.1f} TFLOP/s "
                           f"(default precision), {peak['float32_highest_flops'] / 1e12:.1f} (highest)")
+    if "activations" in out:
+        a = out["activations"]
+        print(f"\n| activation (784-300-10, {a['samples']} images) | lifted epoch s | / ReLU lifted epoch | "
+              "Adam epoch s | lifted / Adam |")
+        print("|---|---|---|---|---|")
+        for r in a["rows"]:
+            print(f"| {r['activation']} | {r['lifted_epoch_s']:.2f} | {r['lifted_over_relu_lifted']:.2f} | "
+                  f"{r['adam_epoch_s']:.2f} | {r['lifted_over_adam']:.2f} |")
     if "blocks" in out:
         print("\n| block (784-300-100-10, batch 100) | median ms | iterations (budget) | iterations to tolerance |")
         print("|---|---|---|---|")
@@ -340,6 +375,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed calls per figure (default 5, quick 3)")
     p.add_argument("--epoch-reps", type=int, default=3, help="whole epochs per MLP trainer")
     p.add_argument("--sweep-samples", type=int, default=60000, help="full-batch sweep size, MLPs")
+    p.add_argument("--activation-samples", type=int, default=20000, help="training images of the activations section")
     p.add_argument("--lenet-sweep-samples", type=int, default=None,
                    help="full-batch sweep size, LeNet-5 (default 60000 on a GPU, 5000 on a CPU)")
     p.add_argument("--width-samples", type=int, default=None, help="samples of the width curve (GPU 60000, CPU 10000)")

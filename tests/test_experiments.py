@@ -473,3 +473,13 @@ def test_fields_added_later_keep_earlier_runs_identity():
     assert config_hash(identity(today)) == config_hash(identity(before))
     today.branches = 3
     assert config_hash(identity(today)) != config_hash(identity(before))
+
+
+def test_time_to_accuracy_sums_the_training_seconds_up_to_the_first_epoch_reaching_it():
+    """bench_mnist's time to target, by hand: an off-by-one epoch or a sum over all epochs would differ."""
+    from experiments.bench_mnist import time_to
+
+    accs, seconds = {1: 0.90, 2: 0.976, 3: 0.97, 4: 0.98}, [1.0, 2.5, 4.0, 8.0]
+    assert time_to(accs, seconds, 0.975) == (2, 3.5)
+    assert time_to(accs, seconds, 0.98) == (4, 15.5)
+    assert time_to(accs, seconds, 0.99) == (None, None)
