@@ -483,3 +483,23 @@ def test_time_to_accuracy_sums_the_training_seconds_up_to_the_first_epoch_reachi
     assert time_to(accs, seconds, 0.975) == (2, 3.5)
     assert time_to(accs, seconds, 0.98) == (4, 15.5)
     assert time_to(accs, seconds, 0.99) == (None, None)
+
+
+def test_signal_decay_reports_each_layers_move_and_a_weaker_lower_lambda_moves_x1_further():
+    """experiments.signal_decay on the tiny config: one X move per hidden layer, one W move per layer, all finite and
+    positive; and since X_1's block is λ_0 B(U_0, X_1) + λ_1 B(A X_1 + b, X_2), whose λ_0 term is minimised at the
+    forward pass, a smaller λ_0 (blocks solved exactly) moves X_1 at least as far — a swapped layer index or moves
+    measured against the wrong reference would break it."""
+    from experiments.signal_decay import relative_moves
+
+    def moves(lambdas):
+        config = load_config(ROOT / "configs" / "tiny.py")
+        config.update(dict(layers="dense:32,dense:16", lambda_per_layer=lambdas, x_tol=1e-9, x_max_steps=2000,
+                           train_size=200, test_size=100))
+        return relative_moves(Job(config))
+
+    same, weaker = moves((3.0, 3.0)), moves((0.3, 3.0))
+    assert len(same["x"]) == 2 and len(same["w"]) == 3
+    assert all(np.isfinite(v) and v > 0 for v in same["x"] + same["w"])
+    assert weaker["x"][0] > same["x"][0]
+    assert weaker["x"][1] == pytest.approx(same["x"][1], rel=1e-6)  # X_2's block does not involve λ_0
