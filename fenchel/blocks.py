@@ -36,7 +36,7 @@ import optax
 
 from fenchel.lifted import loss_curvature, loss_per_sample, preactivation
 from fenchel.penalties import Penalty
-from fenchel.solvers import FISTA, Composite, SolveInfo, power_iteration
+from fenchel.solvers import FISTA, Composite, SolveInfo, cholesky_inverse, gram_majoriser, power_iteration
 
 X_MODES = ("batched", "vmap")
 _MIN_LIPSCHITZ = 1e-8
@@ -420,12 +420,11 @@ def solve_w_primal_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
     spec, layer = block.spec, block.layer
     z = spec.patches(block.x_in)
     z1 = jnp.concatenate([z, jnp.ones((z.shape[0], 1), z.dtype)], axis=1)
-    gram = z1.T @ z1
     rp = block.rho_prox if block.anchor is not None else 0.0
     mu = jnp.concatenate([jnp.full((z.shape[1],), 2.0 * (block.rho + rp), z.dtype), jnp.full((1,), 2.0 * rp, z.dtype)])
-    p_mat = block.fit_curvature * gram + jnp.diag(mu)
+    p_mat = gram_majoriser(z1, block.fit_curvature, mu)  # the metric of ProxProp's exact step, too
     p_mat = p_mat + 1e-10 * (jnp.trace(p_mat) / p_mat.shape[0] + 1e-30) * jnp.eye(p_mat.shape[0], dtype=z.dtype)
-    factor = jax.scipy.linalg.cho_factor(p_mat)
+    l_inv = cholesky_inverse(p_mat)  # P⁻¹R = L⁻ᵀ(L⁻¹R), two products per iteration
     k_shape = layer["kernel"].shape
     u_shape = (block.x_in.shape[0], *spec.out_shape(block.x_in.shape[1:]))
 
@@ -445,7 +444,7 @@ def solve_w_primal_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
         return {"kernel": m[:-1].reshape(k_shape), "bias": m[-1]}
 
     def precond_grad(p):
-        return unstack(jax.scipy.linalg.cho_solve(factor, stack(jax.grad(objective)(p))))
+        return unstack(l_inv.T @ (l_inv @ stack(jax.grad(objective)(p))))
 
     def inner_p(p, q):  # ⟨p, q⟩_P
         return jnp.sum(stack(p) * (p_mat @ stack(q)))

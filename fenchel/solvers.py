@@ -238,6 +238,32 @@ class FISTA:
         return x, SolveInfo(result=result, residual=state.residual, steps=state.step, value=value)
 
 
+def gram_majoriser(a: jax.Array, curvature, diag: jax.Array) -> jax.Array:
+    """c·AᵀA + diag(d): the metric of a proximal or majorised step for a linear layer with input matrix A.
+
+    The lifted W blocks' `primal_mm` form (A = [Z 1], c the fit's curvature, d = μ) and ProxProp's exact
+    step (A = [Z 1], c = 1, d = 1/τ_θ) both precondition with it.
+    """
+    return curvature * (a.T @ a) + jnp.diag(diag)
+
+
+def cholesky_inverse(m: jax.Array) -> jax.Array:
+    """L⁻¹ for the SPD M = LLᵀ, so that M⁻¹R = L⁻ᵀ(L⁻¹R) is two matrix products.
+
+    L⁻¹ is formed explicitly (one triangular solve against I): XLA's CPU triangular solve with many
+    right-hand sides is ~20× slower than the two products (16.8 against 0.4 ms for N = 100, 300 columns),
+    and the block solvers apply M⁻¹ once per iteration with the same M.
+    """
+    chol = jnp.linalg.cholesky(m)
+    return jax.scipy.linalg.solve_triangular(chol, jnp.eye(m.shape[0], dtype=m.dtype), lower=True)
+
+
+def spd_solve(m: jax.Array, r: jax.Array) -> jax.Array:
+    """M⁻¹R for an SPD M (`cholesky_inverse`)."""
+    inv = cholesky_inverse(m)
+    return inv.T @ (inv @ r)
+
+
 def power_iteration(matvec: Callable, v0: jax.Array, iters: int = 20) -> jax.Array:
     """Estimate λ_max of the PSD operator `matvec` (Rayleigh quotient, lower bound)."""
 
