@@ -16,14 +16,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments.cli import USER_ERRORS, fail, parse_flags
 from experiments.train import Job, validate_config
 from fenchel.lifted import forward
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
-_BATCH = flags.DEFINE_integer("batch", 0, "minibatch index (of batch_size training images)")
 
 
 def relative_moves(job: Job, batch: int = 0) -> dict:
@@ -44,14 +42,20 @@ def relative_moves(job: Job, batch: int = 0) -> dict:
             "w": [rel(a["kernel"], b["kernel"]) for a, b in zip(new_params, params)]}
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
+def main(argv=None):
+    """Parse --config (and its overrides) and --batch, then print the table. Flags are defined here, not at import,
+    so that importing `relative_moves` defines no absl flag."""
+    config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
+    flags.DEFINE_integer("batch", 0, "minibatch index (of batch_size training images)")
+    _, config = parse_flags(sys.argv if argv is None else argv)
     if config is None:
-        sys.exit("error: --config is required")
-    validate_config(config)
-    job = Job(config)
-    moves = relative_moves(job, _BATCH.value)
+        fail("--config is required")
+    try:
+        validate_config(config)
+        job = Job(config)
+        moves = relative_moves(job, flags.FLAGS.batch)
+    except USER_ERRORS as err:
+        fail(str(err))
     print(f"{job.architecture}, one minibatch of {job.config.batch_size} at the initial weights (seed {config.seed})")
     print("| layer | X move | W move |")
     print("|---|---|---|")
@@ -61,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
