@@ -14,26 +14,25 @@ from __future__ import annotations
 
 import sys
 
-import jax
 import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
 from experiments.cli import USER_ERRORS, fail, parse_flags
 from experiments.train import Job, validate_config
-from fenchel.lifted import forward
+from fenchel import LiftedTrainer
 
 
 def relative_moves(job: Job, batch: int = 0) -> dict:
     """{"x": per hidden layer ‖X_new − X_ff‖/‖X_ff‖, "w": per layer ‖W_new − W‖/‖W‖} for one minibatch update."""
     trainer, params = job.trainer, job.params0
-    if not hasattr(trainer, "_x_step"):
+    if not isinstance(trainer, LiftedTrainer):
         raise ValueError(f"signal_decay needs a lifted trainer, got trainer={job.config.trainer!r}")
     bs = job.config.batch_size
     x0, y = job.x_train[batch * bs:(batch + 1) * bs], job.y_train[batch * bs:(batch + 1) * bs]
-    xs = forward(params, x0, trainer.penalty, trainer.layers)[0]
-    new_xs, _ = jax.jit(trainer._x_step)(params, xs, x0, y)
-    new_params, _ = jax.jit(trainer._w_step)(params, new_xs, x0, y, params)
+    xs = trainer.forward(params, x0)
+    new_xs, _ = trainer.x_step(params, xs, x0, y)
+    new_params, _ = trainer.w_step(params, new_xs, x0, y, params)  # anchors = the weights, as in a minibatch
 
     def rel(a, b):
         return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))

@@ -384,7 +384,8 @@ def solve_w_kernel_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
     # step: d = g − q = S⁻¹(s·g − r'), and K·d = s·g − r' − s·d − 1(1ᵀd).
     shift = mu / curv
     eye = jnp.eye(rep.x.shape[0], dtype=rep.w0.dtype)
-    s_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(rep.gram + 1.0 + shift * eye), eye)
+    l_inv = cholesky_inverse(rep.gram + 1.0 + shift * eye)
+    s_inv = l_inv.T @ l_inv  # S⁻¹, once per solve
 
     def precond_grad(p):
         g = jax.grad(block.fit)(rep.preactivation(p))

@@ -92,16 +92,20 @@ def _monotone_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, wi
     """Safeguarded Newton (rtsafe) for the root of an increasing fn on the bracket [lo, hi], from t0.
 
     fn_and_slope(t) = (fn(t), fn'(t)). A Newton step is taken only when it
-    stays inside the bracket and moves less than half the step before it;
-    otherwise the bracket is bisected, so the bracket at least halves every
-    two iterations and Newton's quadratic convergence takes over near the
-    root. An element stops once a Newton step moved it by ≤ √eps·(1 + |t|)
-    (the step after it is then at rounding level) or its bracket has shrunk
-    to rounding level; the `lax.while_loop` ends when every element has, or
+    stays inside the bracket (up to √eps, then clipped: a root at one end of
+    it, e.g. a saturated σ, is common) and, after the first step, moves less
+    than half the step before it; otherwise the bracket is bisected, so the
+    bracket at least halves every two iterations and Newton's quadratic
+    convergence takes over near the root. The first step is free so that a
+    start clipped to one end of the bracket can jump to a root at the other.
+
+    An element stops once a Newton step moved it by ≤ √eps·(1 + |t|) (the
+    step after it is then at rounding level) or its bracket has shrunk to
+    rounding level; the `lax.while_loop` ends when every element has, or
     after max_iters. A start near the root (the previous FISTA iterate)
     therefore costs one or two iterations instead of a bisection from the
-    bracket's midpoint. Elementwise, so it vectorises and jits. with_iters: also return the
-    number of iterations taken.
+    bracket's midpoint. Elementwise, so it vectorises and jits. with_iters:
+    also return the number of iterations taken.
     """
     finfo = jnp.finfo(jnp.result_type(lo))
     rtol, atol = jnp.sqrt(finfo.eps), 4.0 * finfo.eps
@@ -219,22 +223,32 @@ def _logit(v):
     return jnp.log(jnp.maximum(v, tiny) / jnp.maximum(1.0 - v, tiny))
 
 
-def _sigmoid_prox(z, s, guess=None):
-    """v = σ(t) with s·t + σ(t) = z; the root lies in [(z − 1)/s, z/s].
+def _bounded_prox(z, s, guess, phi_and_slope, inverse, lower: float, upper: float):
+    """argmin_v s·F*(v) + ½(v − z)² for an increasing φ onto (lower, upper): v = φ(t) with s·t + φ(t) = z.
 
-    guess: a point near the answer (the previous FISTA iterate); None starts from clip(z, 0, 1), the
-    answer as s → 0. The answer does not depend on it.
+    The root lies in [(z − upper)/s, (z − lower)/s]. It starts from inverse(guess) (the previous FISTA
+    iterate; None: clip(z), the answer as s → 0), which the answer does not depend on; s = 0 gives clip(z).
     """
     z, s = jnp.broadcast_arrays(z, jnp.asarray(s, dtype=jnp.result_type(z)))
     s_safe = jnp.maximum(s, 1e-30)
-    v0 = z if guess is None else jnp.broadcast_to(guess, z.shape)
+    v0 = jnp.clip(z if guess is None else jnp.broadcast_to(guess, z.shape), lower, upper)
 
     def fn_and_slope(t):
-        sig = jax.nn.sigmoid(t)
-        return s_safe * t + sig - z, s_safe + sig * (1.0 - sig)
+        phi, slope = phi_and_slope(t)
+        return s_safe * t + phi - z, s_safe + slope
 
-    t = _monotone_root(fn_and_slope, (z - 1.0) / s_safe, z / s_safe, _logit(jnp.clip(v0, 0.0, 1.0)))
-    return jnp.where(s > 0, jax.nn.sigmoid(t), jnp.clip(z, 0.0, 1.0))
+    t = _monotone_root(fn_and_slope, (z - upper) / s_safe, (z - lower) / s_safe, inverse(v0))
+    return jnp.where(s > 0, phi_and_slope(t)[0], jnp.clip(z, lower, upper))
+
+
+def _sigmoid_and_slope(t):
+    sig = jax.nn.sigmoid(t)
+    return sig, sig * (1.0 - sig)
+
+
+def _sigmoid_prox(z, s, guess=None):
+    """v = σ(t) with s·t + σ(t) = z (`_bounded_prox`)."""
+    return _bounded_prox(z, s, guess, _sigmoid_and_slope, _logit, 0.0, 1.0)
 
 
 def sigmoid_penalty() -> Penalty:
@@ -271,23 +285,14 @@ def _tanh_divergence(u, v):
     return _bernoulli_kl(0.5 * (1.0 + v), 0.5 * (1.0 - v), 2.0 * u)
 
 
+def _tanh_and_slope(t):
+    th = jnp.tanh(t)
+    return th, 1.0 - th * th
+
+
 def _tanh_prox(z, s, guess=None):
-    """v = tanh(t) with s·t + tanh(t) = z; the root lies in [(z − 1)/s, (z + 1)/s].
-
-    guess: a point near the answer (the previous FISTA iterate); None starts from clip(z, −1, 1).
-    """
-    z, s = jnp.broadcast_arrays(z, jnp.asarray(s, dtype=jnp.result_type(z)))
-    s_safe = jnp.maximum(s, 1e-30)
-    v0 = z if guess is None else jnp.broadcast_to(guess, z.shape)
-
-    def fn_and_slope(t):
-        th = jnp.tanh(t)
-        return s_safe * t + th - z, s_safe + 1.0 - th * th
-
-    # atanh(v) = ½ logit((1 + v)/2)
-    t0 = 0.5 * _logit(jnp.clip(0.5 * (1.0 + v0), 0.0, 1.0))
-    t = _monotone_root(fn_and_slope, (z - 1.0) / s_safe, (z + 1.0) / s_safe, t0)
-    return jnp.where(s > 0, jnp.tanh(t), jnp.clip(z, -1.0, 1.0))
+    """v = tanh(t) with s·t + tanh(t) = z (`_bounded_prox`); atanh(v) = ½ logit((1 + v)/2)."""
+    return _bounded_prox(z, s, guess, _tanh_and_slope, lambda v: 0.5 * _logit(0.5 * (1.0 + v)), -1.0, 1.0)
 
 
 def tanh_penalty() -> Penalty:
