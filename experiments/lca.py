@@ -28,6 +28,17 @@ totals, ΔL, per-layer sums, fraction helping of all parameters and of those wit
 summary.json (reconstruction error, per-layer totals, layers that hurt, layer synchrony: correlation
 of the layers' per-iteration LCA, share of iterations in which all layers help), lca_layers.png,
 lca_helping.png, lca_cumulative.png, and with --full lca_full.npz (every parameter's LCA per segment, float32).
+
+    python -m experiments.lca compare F1 F2 … --out F.png      # one figure of several allocated paths
+    python -m experiments.lca table F1 F2 … [--out F.md]       # one markdown table, mean ± std over seeds
+
+`table` reads D/lca or D/lca_steps folders (summary.json, lca.npz, and the run's D/config.json), groups them by
+run identity apart from the seed (the whole config but seed, progress and history_max_mb; the path kind; the
+LCA settings) and writes per group: ΔL, % of parameters helping per iteration (of all, of LCA ≠ 0, first
+iteration), per-layer LCA, iterations each layer hurts, layers hurting overall, layer correlation, how often all
+layers help, each as mean ± sample std over the seeds, and the largest reconstruction error. A missing or
+inconsistent file, two folders of one group with one seed, or one result counted twice is an error naming
+the folder.
 """
 
 from __future__ import annotations
@@ -568,6 +579,184 @@ def compare_plot(sources, out) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- several seeds: one table
+_IDENTITY_IGNORED = ("seed", "progress", "history_max_mb")  # config fields that do not change what is allocated
+
+
+def _fail_folder(src, why):
+    from experiments.workdir import WorkdirError
+
+    return WorkdirError(f"{src}: {why}")
+
+
+def read_allocation(src) -> dict:
+    """One allocated path (a D/lca or D/lca_steps folder) for `lca_table`: its figures recomputed in float64 from
+    lca.npz, checked against summary.json, with the run's seed and identity from D/config.json.
+
+    Raises WorkdirError naming the folder if a file is missing or unreadable, if summary.json and lca.npz
+    disagree (files of two different allocations), or if the config's trainer is not the summary's."""
+    import json
+
+    src = Path(src)
+    files = {name: src / name for name in ("summary.json", "lca.npz")}
+    files["config.json"] = src.parent / "config.json"
+    for name, path in files.items():
+        if not path.is_file():
+            raise _fail_folder(src, f"{path} is missing; allocate the run with python -m experiments.lca "
+                                    "--workdir first" if name != "config.json" else
+                               f"{path} is missing (the run's config, which holds its seed)")
+    try:
+        summary = json.loads(files["summary.json"].read_text())
+        saved = json.loads(files["config.json"].read_text())
+        with np.load(files["lca.npz"]) as z:
+            data = {k: np.asarray(z[k]) for k in ("total", "delta_L", "loss", "layer", "iteration_layer",
+                                                   "iteration_fraction_helping",
+                                                   "iteration_fraction_helping_nonzero")}
+        per_layer_summary = [float(v) for v in summary["per_layer_lca"].values()]
+        summary_dL, segments = float(summary["delta_L"]), int(summary["n_segments"])
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise _fail_folder(src, f"not an allocated path of this version of experiments.lca "
+                                f"({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict) or "seed" not in saved:
+        raise _fail_folder(src, f"{files['config.json']} holds no seed")
+    layer = data["layer"].astype(FLOAT64)
+    iteration_layer = data["iteration_layer"].astype(FLOAT64)
+    total_lca, total_dL = float(np.sum(data["total"], dtype=FLOAT64)), float(np.sum(data["delta_L"], dtype=FLOAT64))
+    per_layer = layer.sum(axis=0)
+    if (len(data["total"]) != segments or len(per_layer) != len(per_layer_summary)
+            or not np.allclose(per_layer, per_layer_summary, rtol=1e-9, atol=1e-12)
+            or not np.isclose(total_dL, summary_dL, rtol=1e-9, atol=1e-12)):
+        raise _fail_folder(src, "summary.json and lca.npz disagree (files of two different allocations?); "
+                                "allocate the run again")
+    if summary.get("trainer") is not None and summary.get("trainer") != saved.get("trainer"):
+        raise _fail_folder(src, f"summary.json's trainer {summary.get('trainer')!r} is not the run's "
+                                f"{saved.get('trainer')!r} in {files['config.json']}")
+    try:
+        config = run_config(saved).to_dict()
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise _fail_folder(src, f"cannot read {files['config.json']} ({type(err).__name__}: {err})") from None
+    staircase = int(summary.get("segments_per_iteration", 1)) > 1
+    identity = {k: v for k, v in sorted(config.items()) if k not in _IDENTITY_IGNORED}
+    identity.update({"path": "staircase" if staircase else str(summary.get("path", "")),
+                     **{k: summary.get(k) for k in ("segments_per_iteration", "eval_size", "tol", "max_splits",
+                                                    "n_segments", "n_iterations")}})
+    sync = layer_synchrony(iteration_layer)
+    n = iteration_layer.shape[1]
+    return {
+        "folder": src, "seed": config["seed"], "identity": identity, "loss": data["loss"].astype(FLOAT64),
+        "label": f"{config.get('trainer')}, {'staircase' if staircase else summary.get('path', '')}",
+        "delta_L": total_dL,
+        "helping": 100 * float(np.mean(data["iteration_fraction_helping"], dtype=FLOAT64)),
+        "helping_nonzero": 100 * float(np.mean(data["iteration_fraction_helping_nonzero"], dtype=FLOAT64)),
+        "helping_first": 100 * float(data["iteration_fraction_helping"][0]),
+        "layer_lca": per_layer,
+        "layer_hurts": np.sum(iteration_layer > 0, axis=0).astype(FLOAT64),
+        "layers_hurting_overall": float(np.sum(per_layer > 0)),
+        "correlation": np.array([sync["layer_correlation"][i][j] if sync["layer_correlation"][i][j] is not None
+                                 else np.nan for i in range(n) for j in range(i + 1, n)], FLOAT64),
+        "all_help": 100 * sync["all_layers_help_share"],
+        "all_help_independent": 100 * sync["all_layers_help_if_independent"],
+        "reconstruction_error": abs(total_lca - total_dL) / max(abs(total_dL), 1e-300),
+        "n_iterations": int(iteration_layer.shape[0]),
+    }
+
+
+_STATS = ("delta_L", "helping", "helping_nonzero", "helping_first", "layer_lca", "layer_hurts",
+          "layers_hurting_overall", "correlation", "all_help", "all_help_independent")
+
+
+def aggregate_allocations(sources) -> list:
+    """Read each folder (`read_allocation`), group them by run identity apart from the seed (the run's whole
+    config but seed/progress/history_max_mb, the path kind and the LCA settings), in order of first appearance.
+
+    Per group: label ("trainer, path"), seeds, folders, the identity fields that tell it from the other groups of
+    its label, and for each figure its mean and sample standard deviation (ddof=1; NaN with one seed) over the
+    seeds, float64; reconstruction_error is the maximum. Two folders of one group with the same seed, or with
+    the same loss path (one result counted twice), raise WorkdirError naming both."""
+    runs = [read_allocation(s) for s in sources]
+    if not runs:
+        raise ValueError("no folders given")
+    groups = []
+    for run in runs:
+        group = next((g for g in groups if g["identity"] == run["identity"]), None)
+        if group is None:
+            groups.append(group := {"identity": run["identity"], "label": run["label"], "runs": []})
+        for other in group["runs"]:
+            if other["seed"] == run["seed"]:
+                raise _fail_folder(run["folder"], f"has seed {run['seed']}, as does {other['folder']} of the same "
+                                                  "run; each seed may appear once")
+            if other["loss"].shape == run["loss"].shape and np.array_equal(other["loss"], run["loss"]):
+                raise _fail_folder(run["folder"], f"has the same loss at every point as {other['folder']} "
+                                                  f"(seeds {run['seed']} and {other['seed']}): one result "
+                                                  "copied or mislabelled")
+        group["runs"].append(run)
+    keys = sorted({k for g in groups for k in g["identity"]})
+    result = []
+    for g in groups:
+        rs = g["runs"]
+        namesakes = [h for h in groups if h["label"] == g["label"]]  # groups that "trainer, path" cannot tell apart
+        differing = [k for k in keys if len({json_key(h["identity"].get(k)) for h in namesakes}) > 1]
+        out = {"label": g["label"], "seeds": [r["seed"] for r in rs], "folders": [str(r["folder"]) for r in rs],
+               "distinct": {k: g["identity"].get(k) for k in differing}, "n_seeds": len(rs),
+               "reconstruction_error": max(r["reconstruction_error"] for r in rs),
+               "n_iterations": rs[0]["n_iterations"]}
+        for key in _STATS:
+            values = np.array([np.atleast_1d(r[key]) for r in rs], FLOAT64)
+            out[key] = (values.mean(axis=0), values.std(axis=0, ddof=1) if len(rs) > 1
+                        else np.full(values.shape[1], np.nan))
+        result.append(out)
+    return result
+
+
+def json_key(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _signed(x: float, fmt: str) -> str:
+    return format(x, fmt).replace("-", "−")
+
+
+def _mean_std(stat, fmt: str, scale: float = 1.0) -> str:
+    """'m ± s' per entry, joined by ' / ' (s omitted with one seed)."""
+    mean, std = stat
+    return " / ".join(_signed(scale * m, fmt) + ("" if not np.isfinite(s) else f" ± {format(scale * s, fmt)}")
+                      for m, s in zip(mean, std))
+
+
+def lca_table(sources) -> str:
+    """A markdown table of several allocated paths (D/lca or D/lca_steps folders), mean ± std over seeds per run."""
+    groups = aggregate_allocations(sources)
+
+    def header(g):
+        extra = ", ".join(f"{k}={v}" for k, v in g["distinct"].items())
+        return g["label"] + (f" ({extra})" if extra else "")
+
+    n_layers = max(len(g["layer_lca"][0]) for g in groups)
+    pairs = " / ".join(f"{i}–{j}" for i in range(n_layers) for j in range(i + 1, n_layers))
+    rows = [
+        ("seeds", lambda g: f"{g['n_seeds']} ({', '.join(str(s) for s in g['seeds'])})"),
+        ("iterations", lambda g: str(g["n_iterations"])),
+        ("ΔL over the run (nats)", lambda g: _mean_std(g["delta_L"], ".3f")),
+        ("parameters helping per iteration, mean: % of all", lambda g: _mean_std(g["helping"], ".1f")),
+        ("the same, % of those with LCA ≠ 0", lambda g: _mean_std(g["helping_nonzero"], ".1f")),
+        ("the same, first iteration (% of all)", lambda g: _mean_std(g["helping_first"], ".1f")),
+        ("LCA per layer, " + " / ".join(f"layer_{i}" for i in range(n_layers)) + " (nats)",
+         lambda g: _mean_std(g["layer_lca"], ".3f")),
+        ("iterations in which each layer hurts", lambda g: _mean_std(g["layer_hurts"], ".1f")),
+        ("layers that hurt overall (per seed)", lambda g: _mean_std(g["layers_hurting_overall"], ".1f")),
+        (f"correlation of per-iteration layer LCA, layers {pairs}", lambda g: _mean_std(g["correlation"], ".2f")),
+        ("% of iterations in which all layers help", lambda g: _mean_std(g["all_help"], ".1f")),
+        ("the same if layers were independent", lambda g: _mean_std(g["all_help_independent"], ".1f")),
+        ("reconstruction error \\|Σ LCA − ΔL\\| / \\|ΔL\\|, max over seeds",
+         lambda g: f"{g['reconstruction_error']:.1e}"),
+    ]
+    lines = ["| | " + " | ".join(header(g) for g in groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(cell(g) for g in groups) + " |" for name, cell in rows]
+    return "\n".join(lines) + "\n\nmean ± sample standard deviation (ddof=1) over the seeds.\n"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
@@ -583,9 +772,30 @@ def main(argv=None):
         except USER_ERRORS as err:
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
         return
+    if argv[:1] == ["table"]:
+        parser = argparse.ArgumentParser(prog="python -m experiments.lca table",
+                                         description=lca_table.__doc__.splitlines()[0])
+        parser.add_argument("folders", nargs="+", help="D/lca or D/lca_steps folders written by this tool; "
+                                                       "runs that differ only in their seed are averaged")
+        parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+        args = parser.parse_args(argv[1:])
+        from experiments.cli import USER_ERRORS, fail
+        from experiments.workdir import atomic_write_bytes
+
+        try:
+            text = lca_table(args.folders)
+            if args.out:
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out, text.encode())
+        except USER_ERRORS as err:
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        print(text, end="")
+        return
     parser = argparse.ArgumentParser(prog="python -m experiments.lca", description=__doc__.splitlines()[0],
                                      epilog="python -m experiments.lca compare D1/lca D2/lca … --out F.png: "
-                                            "one figure of several paths")
+                                            "one figure of several paths; python -m experiments.lca table "
+                                            "D1/lca D2/lca … [--out F.md]: mean ± std over seeds")
     parser.add_argument("--workdir", required=True, help="a run trained with --config.record_every=k")
     parser.add_argument("--max-splits", type=int, default=32, help="most Simpson sub-intervals (a power of 2)")
     parser.add_argument("--tol", type=float, default=1e-3, help="|Σ LCA − ΔL| per segment, nats")

@@ -11,6 +11,7 @@ import pytest
 
 from experiments import lca
 from experiments.configs_util import load_config
+from experiments.workdir import WorkdirError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -302,3 +303,112 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert "corrupted" in _cli_error(["--workdir", str(corrupt)], capsys)
     assert "power of 2" in _cli_error(["--workdir", str(tiny_run), "--max-splits", "6"], capsys)
     assert "eval-size" in _cli_error(["--workdir", str(tiny_run), "--eval-size", "100000"], capsys)
+
+
+# ---------------------------------------------------------------- `table`: several seeds aggregated
+def _fake_allocation(root, name, seed, layer, helping, helping_nonzero, trainer="sgd", layers="dense:3",
+                     residual=1e-6):
+    """A hand-written D/lca folder: one segment per iteration with per-layer LCA `layer` [G, n], ΔL = Σ layers +
+    residual per segment, and the run's config.json holding `seed`; returns D/lca."""
+    layer = np.asarray(layer, np.float64)
+    total = layer.sum(axis=1)
+    delta = total + residual
+    run = Path(root) / name
+    (run / "lca").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"dataset": "mnist", "trainer": trainer, "layers": layers,
+                                                 "seed": seed, "record_every": 1}))
+    np.savez(run / "lca" / "lca.npz", total=total, delta_L=delta, loss=2.3 + np.concatenate([[0.0], np.cumsum(delta)]),
+             layer=layer, iteration_layer=layer, iteration_fraction_helping=np.asarray(helping, np.float64),
+             iteration_fraction_helping_nonzero=np.asarray(helping_nonzero, np.float64))
+    summary = {"n_segments": len(total), "n_iterations": len(total), "delta_L": float(delta.sum()),
+               "per_layer_lca": {f"layer_{i}": float(v) for i, v in enumerate(layer.sum(axis=0))},
+               "trainer": trainer, "path": "every step", "segments_per_iteration": 1, "eval_size": 100,
+               "tol": 1e-3, "max_splits": 32}
+    (run / "lca" / "summary.json").write_text(json.dumps(summary))
+    return run / "lca"
+
+
+def _fake_seeds(root, seeds, trainer="sgd", layers="dense:3", n_layers=2, iterations=6):
+    rng = np.random.default_rng(100 + len(trainer) + n_layers)
+    out = []
+    for s in seeds:
+        layer = rng.normal(-0.05, 0.1, size=(iterations, n_layers))
+        out.append((_fake_allocation(root, f"{trainer}_{n_layers}_s{s}", s, layer, rng.uniform(0.3, 0.6, iterations),
+                                     rng.uniform(0.5, 0.8, iterations), trainer, layers), layer))
+    return out
+
+
+def test_table_mean_and_std_over_seeds_match_numpy(tmp_path, capsys):
+    sgd = _fake_seeds(tmp_path, [0, 1, 2])
+    adam = _fake_seeds(tmp_path, [5, 3], trainer="adam")
+    deep = _fake_seeds(tmp_path, [0, 1], layers="dense:3,dense:2", n_layers=3)
+    folders = [f for f, _ in sgd + adam + deep]
+    groups = lca.aggregate_allocations(folders)
+    assert [g["label"] for g in groups] == ["sgd, every step", "adam, every step", "sgd, every step"]
+    assert [g["seeds"] for g in groups] == [[0, 1, 2], [5, 3], [0, 1]]
+    assert [g["distinct"] for g in groups] == [{"layers": "dense:3"}, {}, {"layers": "dense:3,dense:2"}]
+    for g, runs in zip(groups, (sgd, adam, deep)):
+        layers = [layer for _, layer in runs]
+        with np.load(runs[0][0] / "lca.npz") as z:
+            assert z["delta_L"].sum() == pytest.approx(layers[0].sum() + 6e-6, abs=1e-15)
+        dL = np.array([x.sum() + 6e-6 for x in layers])
+        per_layer = np.array([x.sum(axis=0) for x in layers])
+        hurts = np.array([np.sum(x > 0, axis=0) for x in layers], np.float64)
+        helping = []
+        for folder, _ in runs:
+            with np.load(folder / "lca.npz") as z:
+                helping.append(100 * z["iteration_fraction_helping"].mean())
+        n = layers[0].shape[1]
+        corr = np.array([[np.corrcoef(x.T)[i, j] for i in range(n) for j in range(i + 1, n)] for x in layers])
+        for key, values in (("delta_L", dL[:, None]), ("layer_lca", per_layer), ("layer_hurts", hurts),
+                            ("helping", np.array(helping)[:, None]), ("correlation", corr)):
+            np.testing.assert_allclose(g[key][0], values.mean(axis=0), rtol=1e-12, atol=1e-15, err_msg=key)
+            np.testing.assert_allclose(g[key][1], values.std(axis=0, ddof=1), rtol=1e-10, atol=1e-15, err_msg=key)
+        recon = [abs(x.sum() - (x.sum() + 6e-6)) / abs(x.sum() + 6e-6) for x in layers]
+        assert g["reconstruction_error"] == pytest.approx(max(recon), rel=1e-6)
+    lca.main(["table", *map(str, folders), "--out", str(tmp_path / "t.md")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text() == text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.replace("\\|", "").count("|") for line in table}) == 1  # one cell per group in each row
+    header = table[0]
+    assert "sgd, every step (layers=dense:3)" in header and "sgd, every step (layers=dense:3,dense:2)" in header
+    dL = np.array([x.sum() + 6e-6 for _, x in sgd])
+    cell = f"{dL.mean():.3f}".replace("-", "−") + f" ± {dL.std(ddof=1):.3f}"
+    assert f"| ΔL over the run (nats) | {cell} |" in text
+    per_layer = np.array([x.sum(axis=0) for _, x in deep])
+    assert " / ".join(f"{m:.3f}".replace("-", "−") + f" ± {s:.3f}"
+                      for m, s in zip(per_layer.mean(axis=0), per_layer.std(axis=0, ddof=1))) in text
+    assert "| 3 (0, 1, 2) |" in text
+
+
+def test_table_rejects_a_seed_twice_and_a_copied_result(tmp_path, capsys):
+    (a, _), (b, _) = _fake_seeds(tmp_path, [0, 1])
+    dup = tmp_path / "again_s0"
+    shutil.copytree(a.parent, dup)
+    with pytest.raises(WorkdirError, match="again_s0.*seed 0"):
+        lca.aggregate_allocations([a, b, dup / "lca"])
+    err = _cli_error(["table", str(a), str(b), str(dup / "lca")], capsys)
+    assert "again_s0" in err and "seed 0" in err and "sgd_2_s0" in err
+    assert "seed 0" in _cli_error(["table", str(a), str(a)], capsys)  # one folder twice
+    config = json.loads((dup / "config.json").read_text())  # the same result, relabelled as seed 7
+    (dup / "config.json").write_text(json.dumps({**config, "seed": 7}))
+    assert "again_s0" in _cli_error(["table", str(a), str(dup / "lca")], capsys)
+    # a different trainer is another group: the same seed there is no clash
+    (c, _), = _fake_seeds(tmp_path, [0], trainer="adam")
+    assert [g["seeds"] for g in lca.aggregate_allocations([a, c])] == [[0], [0]]
+
+
+def test_table_names_a_missing_or_inconsistent_file(tmp_path, capsys):
+    (a, _), (b, _), (c, _) = _fake_seeds(tmp_path, [0, 1, 2])
+    (b / "lca.npz").unlink()
+    err = _cli_error(["table", str(a), str(b)], capsys)
+    assert str(b / "lca.npz") in err and "missing" in err
+    (c.parent / "config.json").unlink()
+    assert str(c.parent / "config.json") in _cli_error(["table", str(a), str(c)], capsys)
+    assert "summary.json" in _cli_error(["table", str(a), str(tmp_path)], capsys)
+    (d, layer), = _fake_seeds(tmp_path, [3], trainer="adam")
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**summary, "delta_L": summary["delta_L"] + 0.1}))
+    err = _cli_error(["table", str(d)], capsys)
+    assert str(d) in err and "disagree" in err
