@@ -44,6 +44,7 @@ from fenchel.trainer import StepInfo, Trainer
 SCHEDULES = ("sequential", "parallel")
 LAMBDA_UPDATES = ("fixed", "continuation", "dual")
 LAMBDA_GRANULARITIES = ("layer", "neuron")
+STACK_LAYERS = ("auto", "on", "off")
 BOUND_MAX_SWEEPS = 50  # X sweeps of the relaxation bound (metrics), each block solved to BOUND_X_TOL
 BOUND_X_TOL = 1e-6
 BOUND_X_MAX_STEPS = 200
@@ -76,6 +77,9 @@ class LiftedConfig:
       layer — of each hidden layer, each with its own dual-ascent step on its own mean penalty
       p_l,j = (1/N) Σ_i Σ_positions B; `lambdas` is every neuron's start value). "neuron" needs
       lambda_update="dual": the other updates treat every neuron of a layer alike.
+    stack_layers: hidden W blocks of the same shape (layer spec, input shape, ρ, ρ') solved as one block
+      vmapped over their stacked layers: "on", "off", or "auto" (on except on the CPU backend, where it does
+      not pay; docs/benchmarks.md). The result is the same up to float rounding.
     """
 
     activation: str = "relu"
@@ -99,6 +103,7 @@ class LiftedConfig:
     lambda_growth: float = 1.001
     lambda_max: float = 1e3
     lambda_granularity: str = "layer"
+    stack_layers: str = "auto"
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -125,6 +130,8 @@ class LiftedConfig:
              f"unknown lambda_granularity; known: {', '.join(LAMBDA_GRANULARITIES)}")
         need(self.lambda_granularity == "layer" or self.lambda_update == "dual", "lambda_granularity",
              "per-neuron multipliers need lambda_update='dual' (fixed and continuation treat every neuron alike)")
+        need(self.stack_layers in STACK_LAYERS, "stack_layers",
+             f"unknown stack_layers; known: {', '.join(STACK_LAYERS)}")
         need(self.lambda_growth >= 1, "lambda_growth", "must be ≥ 1 (λ grows under continuation)")
         lams = list(self.lambdas) if isinstance(self.lambdas, (list, tuple)) else [self.lambdas]
         need(max(lams) <= self.lambda_max <= 1e6, "lambda_max", f"must be in [max(lambdas) = {max(lams)}, 1e6]")
@@ -187,6 +194,7 @@ class LiftedTrainer(Trainer):
         self.lambdas = broadcast_per_layer(config.lambdas, self.n_layers - 1, "lambdas")
         self.rhos = broadcast_per_layer(config.rho, self.n_layers, "rho")
         self.rho_proxes = broadcast_per_layer(config.rho_prox, self.n_layers, "rho_prox")
+        self.stack_w = config.stack_layers == "on" or (config.stack_layers == "auto" and jax.default_backend() != "cpu")
         self.forward = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[0])
         self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[1])
         self.objective_terms = jax.jit(self._objective_terms)
@@ -339,11 +347,50 @@ class LiftedTrainer(Trainer):
             anchor, self.rho_proxes[l], c.w_mode, anchor_is_start,
         )
 
+    def _w_groups(self, xs, x0) -> list:
+        """The W blocks in groups solved together: with `stack_w`, hidden layers of the same spec, input and
+        output shapes, ρ and ρ' share a group (their blocks are one problem vmapped over the layers); every
+        other layer (the output layer always) is a group of one."""
+        if not self.stack_w:
+            return [[l] for l in range(self.n_layers)]
+        inputs = [x0, *xs]
+        groups: dict = {}
+        for l in range(self.n_layers - 1):
+            key = (self.layers[l], inputs[l].shape, xs[l].shape, self.rhos[l], self.rho_proxes[l])
+            groups.setdefault(key, []).append(l)
+        return sorted(groups.values()) + [[self.n_layers - 1]]
+
+    def _stacked_w_blocks(self, group, params, xs, x0, anchors, anchor_is_start, lams) -> dict:
+        """Hidden W blocks of `group` (equal shapes, ρ, ρ') as one solve vmapped over the stacked layers;
+        λ (a scalar or one per neuron) is stacked too. Returns {l: (params_l, SolveInfo_l)}."""
+        c, first = self.config, group[0]
+        inputs = [x0, *xs]
+
+        def stack(trees):
+            return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+        def one(layer, x_in, x_out, lam, anchor):
+            return blocks.solve_w_hidden(self.penalty, self.layers[first], layer, x_in, x_out, lam,
+                                         self.rhos[first], c.w_solver, anchor, self.rho_proxes[first], c.w_mode,
+                                         anchor_is_start)
+
+        dtype = params[first]["kernel"].dtype
+        anchor = None if anchors is None else stack([anchors[l] for l in group])
+        new, info = jax.vmap(one)(stack([params[l] for l in group]), stack([inputs[l] for l in group]),
+                                  stack([xs[l] for l in group]), stack([jnp.asarray(lams[l], dtype) for l in group]),
+                                  anchor)
+        return {l: jax.tree_util.tree_map(lambda a, k=k: a[k], (new, info)) for k, l in enumerate(group)}
+
     def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):
-        """All W blocks at once (they are independent given X)."""
-        out = [self._w_block(l, params, xs, x0, y, anchors, anchor_is_start, merge, lams)
-               for l in range(self.n_layers)]
-        return [p for p, _ in out], [i for _, i in out]
+        """All W blocks at once (they are independent given X); see `stack_layers` for equal hidden blocks."""
+        lams = self.lambdas if lams is None else lams
+        out = {}
+        for group in self._w_groups(xs, x0):
+            if len(group) == 1:
+                out[group[0]] = self._w_block(group[0], params, xs, x0, y, anchors, anchor_is_start, merge, lams)
+            else:
+                out.update(self._stacked_w_blocks(group, params, xs, x0, anchors, anchor_is_start, lams))
+        return [out[l][0] for l in range(self.n_layers)], [out[l][1] for l in range(self.n_layers)]
 
     def _round(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):
         xs, x_infos = self._x_step(params, xs, x0, y, merge, lams)

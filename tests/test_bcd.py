@@ -291,3 +291,51 @@ def test_config_rejects_bad_values():
         LiftedConfig(rho_prox=(0.1, -0.1))
     with pytest.raises(ValueError, match="hidden layer"):
         LiftedTrainer(LiftedConfig(), mlp((5, 3)))
+
+
+# ---------------------------------------------------------------- stacked W blocks (stack_layers)
+EQUAL = (5, 6, 6, 6, 3)  # W_1 and W_2 are both 6 → 6: one stacked group
+
+
+@pytest.mark.parametrize("granularity", ["layer", "neuron"])
+def test_stacked_w_step_equals_the_list_of_blocks(granularity):
+    """stack_layers="on" solves W_1, W_2 as one vmapped block; each result equals its own block's solve (the
+    list form, checked against SciPy above). λ differs per layer (and per neuron), so a stack that pairs a
+    layer with another layer's λ, X or anchor fails; so does one that drops the anchor."""
+    x, _, y = toy(sizes=EQUAL)
+    params, anchors = init(2, EQUAL), init(3, EQUAL)
+    xs = [jnp.asarray(z) for z in tanh_off_graph(params, x, 9)]
+    cfg = dict(activation="tanh", lambdas=(1.0, 0.5, 2.0), rho=1e-3, rho_prox=0.2, w_tol=1e-12, w_max_steps=7)
+    on, off = trainer(EQUAL, stack_layers="on", **cfg), trainer(EQUAL, stack_layers="off", **cfg)
+    assert on._w_groups(xs, x) == [[0], [1, 2], [3]] and off._w_groups(xs, x) == [[0], [1], [2], [3]]
+    lams = None
+    if granularity == "neuron":
+        rng = np.random.default_rng(4)
+        lams = tuple(jnp.asarray(rng.uniform(0.5, 3.0, 6)) for _ in range(3))
+    stacked, s_infos = on.w_step(params, xs, x, y, anchors, False, lams=lams)
+    listed, l_infos = off.w_step(params, xs, x, y, anchors, False, lams=lams)
+    for l, (a, b) in enumerate(zip(stacked, listed)):
+        for k in ("kernel", "bias"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12, err_msg=f"layer {l} {k}")
+        assert int(s_infos[l].steps) == int(l_infos[l].steps)
+    assert not np.allclose(stacked[1]["kernel"], params[1]["kernel"])  # the blocks moved
+
+
+def test_stacked_minibatch_training_equals_unstacked():
+    """A few minibatch updates (dual λ, so λ is traced state) give the same weights and λ stacked or not."""
+    x, _, y = toy(n=64, sizes=EQUAL)
+    cfg = dict(lambdas=(1.0, 0.5, 2.0), rho=1e-4, rho_prox=0.1, lambda_update="dual", lambda_step=5.0)
+    states = []
+    for mode in ("on", "off"):
+        tr = trainer(EQUAL, stack_layers=mode, **cfg)
+        state = tr.init(init(5, EQUAL))
+        for batch in np.arange(64).reshape(-1, 16):
+            state, _ = tr.step(state, x[batch], y[batch])
+        states.append(state)
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_stack_layers_rejects_unknown_value():
+    with pytest.raises(ValueError, match="stack_layers"):
+        LiftedConfig(stack_layers="yes")
