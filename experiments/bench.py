@@ -14,7 +14,7 @@ compile time (first call minus median) is reported separately. Sections (`--sect
            activation, in one run, as ratios to the ReLU lifted epoch (JSON: `activations`).
   blocks   each block of a 784-300-100-10 minibatch update: median time at the default iteration budget and
            the iterations each needs to reach its tolerance (budget raised to 1000).
-  layers   equal-width hidden W blocks solved as a list in one program against vmapped over stacked layers.
+  layers   equal-width hidden W blocks through LiftedTrainer, stack_layers off (a list) and on (stacked, vmapped).
   curves   time per full-batch sweep of 784-300-10 against samples (1k … 60k) and of 784-W-10 against width
            W (100 … 4000), with fitted growth exponents (least squares on log time against log size).
   devices  the data-parallel minibatch step and full-batch sweep (`fenchel.sharding`) on 1, 2, 4 and 8
@@ -199,35 +199,25 @@ def section_curves(args, out: dict) -> None:
 
 
 def section_layers(args, out: dict) -> None:
-    """Equal-width hidden W blocks (784-300-300-300-300-10, batch 100): a list of solves in one program
-    against one solve vmapped over the stacked layers."""
-    from fenchel import SolverConfig, blocks
-
+    """Equal-width hidden W blocks (784-300-300-300-300-10, batch 100) through `LiftedTrainer`, with
+    `stack_layers` off (a list of solves in one program) and on (one solve vmapped over the stacked layers):
+    the W step alone and the whole minibatch update."""
     width, depth = 300, 4
     job = _job(",".join([f"dense:{width}"] * depth), "adam")
     x, y = job.x_train[:100], job.y_train[:100]
-    c = LiftedConfig()
-    tr = LiftedTrainer(c, job.layers)
     params = job.params0
-    xs, _ = tr.x_step(params, tr.forward(params, x), x, y)
-    same = list(range(1, depth))  # W_1 … W_{depth−1}: 300 → 300
-    pen, spec, cfg = c.penalty, job.layers[1], SolverConfig(c.w_tol, c.w_max_steps)
-
-    def one(layer, x_in, x_out):
-        return blocks.solve_w_hidden(pen, spec, layer, x_in, x_out, c.lambdas, c.rho, cfg, layer, c.rho_prox,
-                                     c.w_mode, True)[0]
-
-    listed = jax.jit(lambda ps, ins, outs: [one(p, a, b) for p, a, b in zip(ps, ins, outs)])
-    stacked = jax.jit(jax.vmap(one))
-    ps, ins, outs = [params[l] for l in same], [xs[l - 1] for l in same], [xs[l] for l in same]
-    stack = lambda items: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *items)  # noqa: E731
-    t_list = timed(listed, ps, ins, outs, reps=args.reps)
-    t_vmap = timed(stacked, stack(ps), stack(ins), stack(outs), reps=args.reps)
-    out["layers"] = {"architecture": f"784-{'-'.join([str(width)] * depth)}-10", "blocks": len(same),
-                     "list_s": t_list["median_s"], "vmap_s": t_vmap["median_s"],
-                     "vmap_over_list": t_vmap["median_s"] / t_list["median_s"]}
-    print(f"  {len(same)} equal W blocks: list {t_list['median_s'] * 1e3:.2f} ms, vmapped "
-          f"{t_vmap['median_s'] * 1e3:.2f} ms", flush=True)
+    row = {"architecture": f"784-{'-'.join([str(width)] * depth)}-10", "blocks": depth - 1}
+    for mode in ("off", "on"):
+        tr = LiftedTrainer(LiftedConfig(stack_layers=mode), job.layers)
+        xs, _ = tr.x_step(params, tr.forward(params, x), x, y)
+        row[f"w_step_{mode}_s"] = timed(lambda p, z: tr.w_step(p, z, x, y, p, True), params, xs,
+                                        reps=args.reps)["median_s"]
+        row[f"update_{mode}_s"] = timed(tr.minibatch_update, params, x, y, reps=args.reps)["median_s"]
+    row["w_step_on_over_off"] = row["w_step_on_s"] / row["w_step_off_s"]
+    row["update_on_over_off"] = row["update_on_s"] / row["update_off_s"]
+    out["layers"] = row
+    print(f"  W step: list {row['w_step_off_s'] * 1e3:.2f} ms, stacked {row['w_step_on_s'] * 1e3:.2f} ms; "
+          f"update: {row['update_off_s'] * 1e3:.2f} / {row['update_on_s'] * 1e3:.2f} ms", flush=True)
 
 
 def child_devices(n_devices: int, args) -> dict:
@@ -345,9 +335,10 @@ def print_tables(out: dict) -> None:
             print(f"| {r['block']} | {r['median_s'] * 1e3:.2f} | {r['steps']} ({r['budget']}) | {r['steps_to_tol']} |")
     if "layers" in out:
         r = out["layers"]
-        print(f"\n{r['blocks']} equal hidden W blocks of {r['architecture']} (batch 100): one program with a list "
-              f"{r['list_s'] * 1e3:.2f} ms, vmapped over stacked layers {r['vmap_s'] * 1e3:.2f} ms "
-              f"({r['vmap_over_list']:.2f}x)")
+        print(f"\n{r['architecture']}, batch 100, {r['blocks']} equal hidden W blocks (stack_layers off / on): "
+              f"W step {r['w_step_off_s'] * 1e3:.2f} / {r['w_step_on_s'] * 1e3:.2f} ms "
+              f"({r['w_step_on_over_off']:.2f}x), minibatch update {r['update_off_s'] * 1e3:.2f} / "
+              f"{r['update_on_s'] * 1e3:.2f} ms ({r['update_on_over_off']:.2f}x)")
     if "curves" in out:
         for key, label in (("samples", "samples (784-300-10)"), ("width", "hidden width (784-W-10)")):
             c = out["curves"][key]
