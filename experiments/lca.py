@@ -453,14 +453,21 @@ def run_config(saved: dict):
     return ml_collections.ConfigDict({**json.loads(default_config.get_config().to_json()), **saved})
 
 
-def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=None, whole_steps=False) -> dict:
+EVAL_SPLITS = ("train", "test")
+
+
+def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=None, whole_steps=False,
+            eval_split="train") -> dict:
     """Load D's config and history, allocate every segment, write D/lca/ (D/lca_steps/ with whole_steps: a
-    staircase history's per-minibatch snapshots only); returns the summary."""
+    staircase history's per-minibatch snapshots only; a `_test` suffix with eval_split="test", where L is the
+    loss on held-out data, the run's test set); returns the summary."""
     from experiments.train import Job, history_unit
     from experiments.workdir import WorkdirError, atomic_write_bytes, atomic_write_json, read_run_history
 
     began = time.perf_counter()
     max_splits = _check_splits(max_splits)
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"--eval-split={eval_split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     if not tol >= 0:
         raise ValueError(f"--tol={tol} must be ≥ 0")
     wd, config, steps, arrays = read_run_history(workdir)
@@ -488,12 +495,17 @@ def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=No
     if not np.all(np.isfinite(trajectory)):
         bad = int(np.argmax(~np.all(np.isfinite(trajectory), axis=1)))
         raise WorkdirError(f"{wd.history_dir}: the snapshot at step {steps[bad]} has non-finite parameters")
-    n = int(job.x_train.shape[0])
+    if eval_split == "train":
+        x_eval, y_eval = job.x_train, job.y_train
+    else:
+        x_eval = np.asarray(job.data.x_test)
+        y_eval = np.eye(int(job.data.num_classes), dtype=np.float32)[np.asarray(job.data.y_test)]
+    n = int(x_eval.shape[0])
     eval_size = n if eval_size is None else int(eval_size)
     if not 1 <= eval_size <= n:
-        raise ValueError(f"--eval-size={eval_size} must be between 1 and the {n} training examples")
-    loss = NetworkLoss(layout, job.layers, job.penalty, job.x_train[:eval_size].astype("float32"),
-                       job.y_train[:eval_size].astype("float32"))
+        raise ValueError(f"--eval-size={eval_size} must be between 1 and the {n} {eval_split} examples")
+    loss = NetworkLoss(layout, job.layers, job.penalty, x_eval[:eval_size].astype("float32"),
+                       y_eval[:eval_size].astype("float32"))
     steps = np.asarray(steps, np.int64)
     out, lca_full = allocate_path(loss, trajectory, layout, tol, max_splits, full, log, groups=steps[:-1] // unit)
     position = steps / unit  # minibatch steps (a staircase's inner points fall between integers)
@@ -505,8 +517,9 @@ def run_lca(workdir, tol=1e-3, max_splits=32, eval_size=None, full=False, log=No
         path = "every step" if gap.tolist() == [1] else f"every {', '.join(str(g) for g in gap)} steps"
     summary = summarize(out, layout, position, tol, max_splits)
     summary.update({"trainer": config.get("trainer"), "path": path, "segments_per_iteration": unit,
-                    "eval_size": eval_size, "gradient_evaluations": loss.calls, "node_batch": loss.node_batch})
-    lca_dir = wd.path / ("lca_steps" if whole_steps else "lca")
+                    "eval_split": eval_split, "eval_size": eval_size, "gradient_evaluations": loss.calls,
+                    "node_batch": loss.node_batch})
+    lca_dir = wd.path / (("lca_steps" if whole_steps else "lca") + ("_test" if eval_split == "test" else ""))
     lca_dir.mkdir(exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, steps=steps, position=position, layer_names=np.asarray([f"layer_{i}" for i in
@@ -638,6 +651,7 @@ def read_allocation(src) -> dict:
     staircase = int(summary.get("segments_per_iteration", 1)) > 1
     identity = {k: v for k, v in sorted(config.items()) if k not in _IDENTITY_IGNORED}
     identity.update({"path": "staircase" if staircase else str(summary.get("path", "")),
+                     "eval_split": summary.get("eval_split", "train"),  # summaries that predate it are train
                      **{k: summary.get(k) for k in ("segments_per_iteration", "eval_size", "tol", "max_splits",
                                                     "n_segments", "n_iterations")}})
     sync = layer_synchrony(iteration_layer)
@@ -799,7 +813,9 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True, help="a run trained with --config.record_every=k")
     parser.add_argument("--max-splits", type=int, default=32, help="most Simpson sub-intervals (a power of 2)")
     parser.add_argument("--tol", type=float, default=1e-3, help="|Σ LCA − ΔL| per segment, nats")
-    parser.add_argument("--eval-size", type=int, default=None, help="first N training examples (default: all)")
+    parser.add_argument("--eval-size", type=int, default=None, help="first N evaluation examples (default: all)")
+    parser.add_argument("--eval-split", default="train", choices=EVAL_SPLITS,
+                        help="L on the training set, or on held-out data (the test set; into D/lca_test)")
     parser.add_argument("--full", action="store_true", help="also write every parameter's LCA (lca_full.npz)")
     parser.add_argument("--whole-steps", action="store_true",
                         help="staircase history: allocate only the per-minibatch-step path (into D/lca_steps)")
@@ -808,7 +824,8 @@ def main(argv=None):
 
     try:
         summary = run_lca(args.workdir, args.tol, args.max_splits, args.eval_size, args.full,
-                          log=lambda m: print(m, file=sys.stderr), whole_steps=args.whole_steps)
+                          log=lambda m: print(m, file=sys.stderr), whole_steps=args.whole_steps,
+                          eval_split=args.eval_split)
     except KeyboardInterrupt:
         fail("interrupted; nothing in the lca folder was left half-written")
     except USER_ERRORS as err:

@@ -412,3 +412,33 @@ def test_table_names_a_missing_or_inconsistent_file(tmp_path, capsys):
     (d / "summary.json").write_text(json.dumps({**summary, "delta_L": summary["delta_L"] + 0.1}))
     err = _cli_error(["table", str(d)], capsys)
     assert str(d) in err and "disagree" in err
+
+
+def test_held_out_split_allocates_the_test_loss(tiny_run):
+    """--eval-split test: L is the mean cross-entropy on the test set (ΔL checked against network_loss on the
+    first 100 test images, computed here), written to D/lca_test, and the training-set allocation is left alone.
+    An allocation that still read the training set would have the training ΔL."""
+    from experiments.train import Job
+    from experiments.workdir import read_history
+    from fenchel.lifted import network_loss
+
+    summary = lca.run_lca(tiny_run, eval_size=100, eval_split="test")
+    assert summary["eval_split"] == "test" and (tiny_run / "lca_test" / "summary.json").is_file()
+    assert summary["reconstruction_error"] < 1e-2
+    steps, arrays = read_history(tiny_run)
+    job = Job(_saved_config(tiny_run))
+    x = jnp.asarray(job.data.x_test[:100], jnp.float64)
+    y = jax.nn.one_hot(jnp.asarray(job.data.y_test[:100]), int(job.data.num_classes), dtype=jnp.float64)
+    x_train, y_train = job.x_train[:100].astype(jnp.float64), job.y_train[:100].astype(jnp.float64)
+
+    def loss_at(t, xs, ys):
+        params = [{"kernel": jnp.asarray(arrays[f"layer_{i}/kernel"][t], jnp.float64),
+                   "bias": jnp.asarray(arrays[f"layer_{i}/bias"][t], jnp.float64)} for i in range(2)]
+        return float(network_loss(params, xs, ys, job.penalty, "softmax", job.layers))
+
+    last = len(steps) - 1
+    held_out = loss_at(last, x, y) - loss_at(0, x, y)
+    assert summary["delta_L"] == pytest.approx(held_out, abs=1e-5)
+    assert abs(held_out - (loss_at(last, x_train, y_train) - loss_at(0, x_train, y_train))) > 1e-3
+    with pytest.raises(ValueError, match="eval-split"):
+        lca.run_lca(tiny_run, eval_split="val")
