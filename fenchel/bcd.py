@@ -45,8 +45,7 @@ SCHEDULES = ("sequential", "parallel")
 LAMBDA_UPDATES = ("fixed", "continuation", "dual")
 LAMBDA_GRANULARITIES = ("layer", "neuron")
 STACK_LAYERS = ("auto", "on", "off")
-BOUND_MAX_SWEEPS = 50  # X sweeps of the relaxation bound (metrics), each block solved to BOUND_X_TOL
-BOUND_X_TOL = 1e-6
+BOUND_X_TOL = 1e-6  # each X block of the relaxation bound's sweeps (metrics) is solved to this
 BOUND_X_MAX_STEPS = 200
 BOUND_RTOL = 1e-7  # the bound's sweeps stop once F decreases by less than this, relative
 PerLayer = Union[float, Sequence[float]]
@@ -77,6 +76,9 @@ class LiftedConfig:
       layer — of each hidden layer, each with its own dual-ascent step on its own mean penalty
       p_l,j = (1/N) Σ_i Σ_positions B; `lambdas` is every neuron's start value). "neuron" needs
       lambda_update="dual": the other updates treat every neuron of a layer alike.
+    bound_max_sweeps: the most X sweeps of the relaxation bound min_X F(W, X) that `metrics` logs (each
+      sweep costs up to 200 iterations per X block on the objective batch: minutes per evaluation for a
+      CNN); 0 logs the network objective J(W) without the bound.
     stack_layers: hidden W blocks of the same shape (layer spec, input shape, ρ, ρ') solved as one block
       vmapped over their stacked layers: "on", "off", or "auto" (on except on the CPU backend, where it does
       not pay; docs/benchmarks.md). The result is the same up to float rounding.
@@ -104,6 +106,7 @@ class LiftedConfig:
     lambda_max: float = 1e3
     lambda_granularity: str = "layer"
     stack_layers: str = "auto"
+    bound_max_sweeps: int = 50
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -130,6 +133,7 @@ class LiftedConfig:
              f"unknown lambda_granularity; known: {', '.join(LAMBDA_GRANULARITIES)}")
         need(self.lambda_granularity == "layer" or self.lambda_update == "dual", "lambda_granularity",
              "per-neuron multipliers need lambda_update='dual' (fixed and continuation treat every neuron alike)")
+        need(int(self.bound_max_sweeps) >= 0, "bound_max_sweeps", "must be ≥ 0")
         need(self.stack_layers in STACK_LAYERS, "stack_layers",
              f"unknown stack_layers; known: {', '.join(STACK_LAYERS)}")
         need(self.lambda_growth >= 1, "lambda_growth", "must be ≥ 1 (λ grows under continuation)")
@@ -270,12 +274,15 @@ class LiftedTrainer(Trainer):
             if self.head.guided:
                 extra["guide_selection"] = [int(s) for s in heads.selection(head_state)]
         terms = self.minibatch_objective(params, x, y, merge, lams)
-        network, bound, sweeps = self.relaxation(params, x, y, merge, lams)
+        if self.config.bound_max_sweeps > 0:
+            network, bound, sweeps = self.relaxation(params, x, y, merge, lams)
+            extra.update({"lifted_bound": float(bound), "relaxation_gap": float(network - bound),
+                          "bound_sweeps": int(sweeps)})
+        else:  # J(W) alone: F at the feed-forward X
+            network = self.objective_terms(params, self.forward(params, x), x, y, merge, lams)["total"]
         return {"lifted_objective": float(terms["total"]), "penalties": [float(p) for p in terms["penalties"]],
                 "network_loss_same_batch": float(terms["network_loss"]),
-                "regulariser": float(terms["regulariser"]), "network_objective": float(network),
-                "lifted_bound": float(bound), "relaxation_gap": float(network - bound),
-                "bound_sweeps": int(sweeps), **extra}
+                "regulariser": float(terms["regulariser"]), "network_objective": float(network), **extra}
 
     # ------------------------------------------------------------ objective
     def _objective_terms(self, params, xs, x0, y, merge=None, lams=None):
@@ -493,7 +500,7 @@ class LiftedTrainer(Trainer):
         """(J(W), min_X F(W, X), X sweeps): J is the network objective (mean loss + regulariser), equal to F at the
         feed-forward X since B = 0 on the graph of φ; the minimum over X is approached by Gauss–Seidel X sweeps
         from there, each block solved to BOUND_X_TOL, until F decreases by less than BOUND_RTOL (relative) or
-        BOUND_MAX_SWEEPS sweeps. Every sweep is monotone, so the value returned is ≤ J; it is the exact minimum
+        `bound_max_sweeps` sweeps. Every sweep is monotone, so the value returned is ≤ J; it is the exact minimum
         when X is one block (one hidden layer), and an upper estimate of it otherwise (F is only blockwise
         convex in X)."""
         tight = self._tight
@@ -502,7 +509,7 @@ class LiftedTrainer(Trainer):
 
         def cond(carry):
             _, f_prev, f, k = carry
-            return (k < BOUND_MAX_SWEEPS) & ((k == 0) | (f_prev - f > BOUND_RTOL * jnp.abs(f)))
+            return (k < self.config.bound_max_sweeps) & ((k == 0) | (f_prev - f > BOUND_RTOL * jnp.abs(f)))
 
         def body(carry):
             xs, _, f, k = carry

@@ -203,6 +203,28 @@ def test_bound_of_a_deep_network_stays_below_its_objective():
     assert float(bound) < float(network) and int(sweeps) > 1
 
 
+def test_bound_max_sweeps_caps_the_logged_bound_and_zero_skips_it():
+    """bound_max_sweeps=1 stops after one sweep (a cap that were ignored would take the > 1 sweeps above, and give
+    a lower bound); 0 logs J(W), the numpy network objective, and no bound."""
+    layers = mlp((5, 7, 6, 3))
+    params = init_params(jax.random.PRNGKey(7), layers, (5,), jnp.float64)
+    x, y = _data(20, 5, 3, seed=8)
+    full = LiftedTrainer(LiftedConfig(lambdas=(1.0, 4.0)), layers).metrics(params, x, y)
+    one = LiftedTrainer(LiftedConfig(lambdas=(1.0, 4.0), bound_max_sweeps=1), layers).metrics(params, x, y)
+    off = LiftedTrainer(LiftedConfig(lambdas=(1.0, 4.0), bound_max_sweeps=0), layers).metrics(params, x, y)
+    assert one["bound_sweeps"] == 1 < full["bound_sweeps"]
+    assert full["lifted_bound"] < one["lifted_bound"] < one["network_objective"]
+    (w0, b0), (w1, b1), (w2, b2) = _np(params)
+    h = np.maximum(np.maximum(np.asarray(x) @ w0 + b0, 0) @ w1 + b1, 0)
+    logp = special.log_softmax(h @ w2 + b2, axis=1)
+    reg = LiftedConfig().rho * sum(np.sum(w**2) for w in (w0, w1, w2))
+    np.testing.assert_allclose(off["network_objective"], -np.mean(np.sum(np.asarray(y) * logp, axis=1)) + reg,
+                               rtol=1e-12)
+    assert not {"lifted_bound", "relaxation_gap", "bound_sweeps"} & set(off)
+    with pytest.raises(ValueError, match="bound_max_sweeps"):
+        LiftedConfig(bound_max_sweeps=-1)
+
+
 # ---------------------------------------------------------------- the launcher
 def _tiny(**overrides):
     config = load_config(ROOT / "configs" / "tiny.py")
