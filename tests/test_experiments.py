@@ -418,7 +418,8 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     while not (tmp_path / "w" / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    # the exit waits for the steps already dispatched (up to an epoch): minutes on a loaded 2-core machine
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130
     assert "interrupted; relaunch the same command to resume" in err.strip().splitlines()[-1]
     assert Workdir(tmp_path / "w").load_checkpoint() is not None
