@@ -116,7 +116,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # Fields added after runs existed, with the value every earlier run had: left out of a run's identity at that
 # value, so earlier workdirs keep their config hash (they resume, and their summaries are reused).
 ADDED_LATER = {"branches": 1, "merge": "sum", "record_staircase": False, "lambda_update": "fixed", "lambda_step": 1.0,
-               "lambda_growth": 1.001, "lambda_max": 1e3, "budget_epochs": 0, "lambda_granularity": "layer"}
+               "lambda_growth": 1.001, "lambda_max": 1e3, "budget_epochs": 0, "lambda_granularity": "layer",
+               "outer_momentum": 0.0}
 
 
 def identity(config) -> dict:

@@ -15,6 +15,8 @@ Training modes:
   minibatch   per minibatch: X ← forward pass with the current weights,
               anchors ← current weights, then `alternations` rounds of
               (X step, W step) with the proximal term ρ'‖(W, b) − anchor‖².
+              With outer_momentum β > 0, the update's change is fed to heavy-ball
+              momentum as a pseudo-gradient: v ← βv + (W_t − W'), W_t+1 = W_t − v.
 
 Multi-branch heads (`fenchel.heads`, minibatch mode): the output layer has
 K·C columns and the loss is taken on the merged logits U M. Per minibatch,
@@ -31,6 +33,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fenchel import blocks, heads, lifted
 from fenchel.blocks import SolverConfig
@@ -39,7 +42,7 @@ from fenchel.layers import W_FORMS
 from fenchel.lifted import LOSSES, broadcast_per_layer, forward, loss_per_sample, objective_terms, preactivation
 from fenchel.penalties import activation_penalty
 from fenchel.solvers import Result
-from fenchel.trainer import StepInfo, Trainer
+from fenchel.trainer import StepInfo, Trainer, make_optimizer
 
 SCHEDULES = ("sequential", "parallel")
 LAMBDA_UPDATES = ("fixed", "continuation", "dual")
@@ -79,6 +82,11 @@ class LiftedConfig:
     bound_max_sweeps: the most X sweeps of the relaxation bound min_X F(W, X) that `metrics` logs (each
       sweep costs up to 200 iterations per X block on the objective batch: minutes per evaluation for a
       CNN); 0 logs the network objective J(W) without the bound.
+    outer_momentum: β of heavy-ball momentum on the minibatch updates (0: none). Each update's change is a
+      pseudo-gradient g = W_t − W' (W' the rounds' result from W_t) for optax SGD with learning rate 1 and
+      momentum β: v ← βv + g, W_t+1 = W_t − v (β = 0 gives W'). Pair it with a larger ρ' (smaller, less noisy
+      steps that momentum then accumulates); README, "Outer momentum". Weights only: λ and a head's state
+      follow their own rules, computed at W'. Full-batch sweeps ignore it.
     stack_layers: hidden W blocks of the same shape (layer spec, input shape, ρ, ρ') solved as one block
       vmapped over their stacked layers: "on", "off", or "auto" (on except on the CPU backend, where it does
       not pay; docs/benchmarks.md). The result is the same up to float rounding.
@@ -105,6 +113,7 @@ class LiftedConfig:
     lambda_growth: float = 1.001
     lambda_max: float = 1e3
     lambda_granularity: str = "layer"
+    outer_momentum: float = 0.0
     stack_layers: str = "auto"
     bound_max_sweeps: int = 50
 
@@ -133,6 +142,7 @@ class LiftedConfig:
              f"unknown lambda_granularity; known: {', '.join(LAMBDA_GRANULARITIES)}")
         need(self.lambda_granularity == "layer" or self.lambda_update == "dual", "lambda_granularity",
              "per-neuron multipliers need lambda_update='dual' (fixed and continuation treat every neuron alike)")
+        need(0 <= self.outer_momentum < 1, "outer_momentum", "must be in [0, 1)")
         need(int(self.bound_max_sweeps) >= 0, "bound_max_sweeps", "must be ≥ 0")
         need(self.stack_layers in STACK_LAYERS, "stack_layers",
              f"unknown stack_layers; known: {', '.join(STACK_LAYERS)}")
@@ -198,6 +208,7 @@ class LiftedTrainer(Trainer):
         self.lambdas = broadcast_per_layer(config.lambdas, self.n_layers - 1, "lambdas")
         self.rhos = broadcast_per_layer(config.rho, self.n_layers, "rho")
         self.rho_proxes = broadcast_per_layer(config.rho_prox, self.n_layers, "rho_prox")
+        self._outer = make_optimizer("sgd", 1.0, config.outer_momentum) if config.outer_momentum else None
         self.stack_w = config.stack_layers == "on" or (config.stack_layers == "auto" and jax.default_backend() != "cpu")
         self.forward = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[0])
         self.predict = jax.jit(lambda p, x0: forward(p, x0, self.penalty, layers)[1])
@@ -221,22 +232,48 @@ class LiftedTrainer(Trainer):
     def init(self, params):
         """The parameter list; with a head, (parameters with the K·C-column output layer, head state); with a
         λ update other than "fixed", (that state, λ): λ an array of one value per hidden layer, or with
-        lambda_granularity="neuron" a tuple of one array per hidden layer, one value per neuron."""
+        lambda_granularity="neuron" a tuple of one array per hidden layer, one value per neuron; with
+        outer_momentum > 0, (that state, the momentum's optax state)."""
         params = [dict(p) for p in params]
         if self.head is None:
             inner = params
         else:
             params = self.head.expand(params)
             inner = params, self.head.init_state(params)
-        if self.config.lambda_update == "fixed":
-            return inner
-        dtype = params[0]["kernel"].dtype
-        if self.config.lambda_granularity == "neuron":
-            return inner, tuple(jnp.full((self.layers[l].features,), self.lambdas[l], dtype)
-                                for l in range(self.n_layers - 1))
-        return inner, jnp.asarray(self.lambdas, dtype=dtype)
+        if self.config.lambda_update != "fixed":
+            dtype = params[0]["kernel"].dtype
+            if self.config.lambda_granularity == "neuron":
+                lams = tuple(jnp.full((self.layers[l].features,), self.lambdas[l], dtype)
+                             for l in range(self.n_layers - 1))
+            else:
+                lams = jnp.asarray(self.lambdas, dtype=dtype)
+            inner = inner, lams
+        return (inner, self._outer.init(params)) if self._outer is not None else inner
+
+    def _weights(self, state):
+        """The trained weights of a state without its momentum part (with a head: the K·C-column layout)."""
+        if self.config.lambda_update != "fixed":
+            state = state[0]
+        return state if self.head is None else state[0]
+
+    def _with_weights(self, state, weights):
+        """`state` (without its momentum part) holding `weights` instead."""
+        lam = self.config.lambda_update != "fixed"
+        inner = state[0] if lam else state
+        inner = weights if self.head is None else (weights, inner[1])
+        return (inner, state[1]) if lam else inner
 
     def step(self, state, x, y):
+        if self._outer is None:
+            return self._step_without_momentum(state, x, y)
+        state, outer = state
+        before = self._weights(state)
+        state, info = self._step_without_momentum(state, x, y)
+        pseudo_gradient = jax.tree_util.tree_map(jnp.subtract, before, self._weights(state))  # W_t − W'
+        updates, outer = self._outer.update(pseudo_gradient, outer, before)
+        return (self._with_weights(state, optax.apply_updates(before, updates)), outer), info
+
+    def _step_without_momentum(self, state, x, y):
         if self.config.lambda_update != "fixed":
             inner, lams, info = self.multiplier_update(*state, x, y)
             return (inner, lams), StepInfo(jnp.full((), jnp.nan, x.dtype), info.nonfinite)
@@ -248,6 +285,8 @@ class LiftedTrainer(Trainer):
 
     def params(self, state):
         """The network's weights; with a head, the evaluation network (mean of the branches' logits)."""
+        if self._outer is not None:
+            state = state[0]
         if self.config.lambda_update != "fixed":
             state = state[0]
         return state if self.head is None else self.head.collapse(state[0])
@@ -259,6 +298,8 @@ class LiftedTrainer(Trainer):
         guiding each class."""
         extra = {}
         lams = None
+        if self._outer is not None:
+            state = state[0]
         if self.config.lambda_update != "fixed":
             state, lams = state
             lams = tuple(lams[l] for l in range(self.n_layers - 1))

@@ -4,6 +4,7 @@ Expected values come from numpy/SciPy written here (the lifted objective, each W
 hand-written gradient, closed forms) or, for the schedules, from single block solves on hand-assembled X lists.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -339,3 +340,68 @@ def test_stacked_minibatch_training_equals_unstacked():
 def test_stack_layers_rejects_unknown_value():
     with pytest.raises(ValueError, match="stack_layers"):
         LiftedConfig(stack_layers="yes")
+
+
+# ---------------------------------------------------------------- outer momentum
+def _tree_np(tree):
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _heavy_ball(w, v, w_new, beta):
+    """The numpy recurrence: v ← βv + (W − W'), W ← W − v."""
+    v = jax.tree_util.tree_map(lambda a, b, c: beta * a + (b - c), v, w, w_new)
+    return jax.tree_util.tree_map(np.subtract, w, v), v
+
+
+def test_outer_momentum_is_heavy_ball_on_the_updates():
+    """outer_momentum β: W_t+1 = W_t − v_t+1 with v_t+1 = βv_t + (W_t − W'_t), W'_t the plain minibatch update from
+    W_t (numpy recurrence over the plain trainer's updates). A flipped pseudo-gradient, β on the wrong term, or a
+    pseudo-gradient taken from a stale start point each fail it."""
+    x, _, y = toy(n=48, sizes=SMALL)
+    cfg = dict(lambdas=1.0, rho=1e-4, rho_prox=0.2)
+    beta = 0.7
+    plain, mom = trainer(SMALL, **cfg), trainer(SMALL, outer_momentum=beta, **cfg)
+    w = _tree_np(init(4, SMALL))
+    v = jax.tree_util.tree_map(np.zeros_like, w)
+    state = mom.init(init(4, SMALL))
+    for k, batch in enumerate(np.arange(48).reshape(-1, 16)):
+        w_new = _tree_np(plain.step(w, x[batch], y[batch])[0])
+        w, v = _heavy_ball(w, v, w_new, beta)
+        state, info = mom.step(state, x[batch], y[batch])
+        assert not bool(info.nonfinite)
+        for got, want in zip(jax.tree_util.tree_leaves(mom.params(state)), jax.tree_util.tree_leaves(w)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"step {k}")
+    assert float(np.max(np.abs(v[0]["kernel"]))) > 1e-3  # the velocity is not trivially zero
+
+
+def test_outer_momentum_leaves_lambda_and_head_to_their_own_rules():
+    """With dual λ and a guide head, momentum moves the weights only: λ and the head state after each step are the
+    plain trainer's from the same (weights, λ, head state), and the weights follow the heavy-ball recurrence."""
+    from fenchel.heads import Head
+
+    x, _, y = toy(n=48, sizes=SMALL)
+    cfg = LiftedConfig(lambdas=(1.0, 0.5), rho=1e-4, rho_prox=0.2, lambda_update="dual", lambda_step=3.0)
+    beta = 0.5
+    plain = LiftedTrainer(cfg, mlp(SMALL), Head(2, "guide", seed=1))
+    mom = LiftedTrainer(dataclasses.replace(cfg, outer_momentum=beta), mlp(SMALL), Head(2, "guide", seed=1))
+    state = mom.init(init(4, SMALL))
+    ((w, head_state), lams), _ = state
+    w = _tree_np(w)
+    v = jax.tree_util.tree_map(np.zeros_like, w)
+    for k, batch in enumerate(np.arange(48).reshape(-1, 16)):
+        ((w_new, head_new), lams_new), _ = plain.step(((w, head_state), lams), x[batch], y[batch])
+        w, v = _heavy_ball(w, v, _tree_np(w_new), beta)
+        state, _ = mom.step(state, x[batch], y[batch])
+        ((got_w, head_state), lams), _ = state
+        np.testing.assert_allclose(lams, lams_new, rtol=1e-9, err_msg=f"step {k}")
+        for a, b in zip(jax.tree_util.tree_leaves(head_state), jax.tree_util.tree_leaves(head_new)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=f"step {k}")
+        for a, b in zip(jax.tree_util.tree_leaves(got_w), jax.tree_util.tree_leaves(w)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=f"step {k}")
+    assert float(np.min(lams)) > 0.5  # dual ascent moved λ
+
+
+def test_outer_momentum_rejects_values_outside_0_1():
+    for beta in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="outer_momentum"):
+            LiftedConfig(outer_momentum=beta)

@@ -121,9 +121,11 @@ def test_flax_network_equals_the_lifted_forward_map():
     assert job.test_accuracy(params) == pytest.approx(acc, abs=1e-9)
 
 
-@pytest.mark.parametrize("trainer", ["fenchel", "adam"])
-def test_resume_after_interruption_matches_an_uninterrupted_run(trainer, tmp_path):
-    config = tiny(trainer=trainer, warm_start_epochs=0, total_epochs=3)
+@pytest.mark.parametrize("trainer, extra", [("fenchel", {}), ("adam", {}), ("fenchel", {"outer_momentum": 0.9})],
+                         ids=["fenchel", "adam", "fenchel_outer_momentum"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(trainer, extra, tmp_path):
+    """The whole training state is checkpointed (with outer momentum: its velocity too)."""
+    config = tiny(trainer=trainer, warm_start_epochs=0, total_epochs=3, **extra)
     full = train_and_evaluate(config, tmp_path / "full")
     assert train_and_evaluate(config, tmp_path / "cut", max_epochs_this_run=1) == {"interrupted_after_epoch": 1}
     assert len(records(tmp_path / "cut")) == 1
