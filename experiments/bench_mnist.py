@@ -9,6 +9,7 @@ launcher's own pieces: the trainer registry and the shared epoch loop.
     python -m experiments.bench_mnist                  # the full 10-epoch run
     python -m experiments.bench_mnist --epochs 2       # quick look
     python -m experiments.bench_mnist --dataset fashion_mnist --lambda-update continuation   # time to 87%
+    python -m experiments.bench_mnist --outer-momentum 0.9 --rho-prox 1.0                    # outer momentum
 
 Time to accuracy: the training seconds (evaluation excluded) until the first epoch whose test accuracy reaches
 --target (default 97.5% on MNIST, 87% on Fashion-MNIST), for each trainer in the same run; test accuracy is
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--activation", type=str, default=d.activation)
     p.add_argument("--lambda-update", type=str, default=d.lambda_update, help="fixed | continuation | dual")
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum,
+                   help="heavy-ball momentum on the lifted updates (0: none)")
     p.add_argument("--target", type=float, default=None,
                    help="test accuracy for the time-to-accuracy figure (default 0.975 MNIST, 0.87 otherwise)")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
@@ -65,7 +68,7 @@ def configs(args):
                        rho_prox=args.rho_prox, x_max_steps=args.x_steps, w_max_steps=args.w_steps, w_mode=args.w_mode,
                        alternations=args.alternations, schedule=args.schedule, warm_start_epochs=1,
                        warm_start_lr=args.finetune_lr, progress=False, activation=args.activation,
-                       lambda_update=args.lambda_update))
+                       lambda_update=args.lambda_update, outer_momentum=args.outer_momentum))
     adam = default_config.get_config()
     adam.update(dict(trainer="adam", dataset=args.dataset, layers=args.layers, batch_size=args.batch_size,
                      seed=args.seed, total_epochs=args.epochs, learning_rate=args.adam_lr, progress=False,
@@ -115,7 +118,8 @@ def main(argv=None):
     print(f"{args.dataset} {lifted_job.architecture}, batch {args.batch_size}, {jax.devices()[0].platform}, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
     print(f"lifted: lambda={args.lambdas} rho={args.rho} rho'={args.rho_prox} x_steps={args.x_steps} "
-          f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} alternations={args.alternations}")
+          f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} alternations={args.alternations} "
+          f"outer_momentum={args.outer_momentum}")
     print("| epoch | lifted | lifted + 1 Adam epoch | Adam |")
     print("|---|---|---|---|")
     for e in report:
