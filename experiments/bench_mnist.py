@@ -9,7 +9,7 @@ launcher's own pieces: the trainer registry and the shared epoch loop.
     python -m experiments.bench_mnist                  # the full 10-epoch run
     python -m experiments.bench_mnist --epochs 2       # quick look
     python -m experiments.bench_mnist --dataset fashion_mnist --lambda-update continuation   # time to 87%
-    python -m experiments.bench_mnist --outer-momentum 0.9 --rho-prox 1.0                    # outer momentum
+    python -m experiments.bench_mnist --outer-momentum 0.9 --rho-prox-per-layer 1.0,10.0     # outer momentum
 
 Time to accuracy: the training seconds (evaluation excluded) until the first epoch whose test accuracy reaches
 --target (default 97.5% on MNIST, 87% on Fashion-MNIST), for each trainer in the same run; test accuracy is
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--lambdas", type=float, default=d.lambda_)
     p.add_argument("--rho", type=float, default=d.rho)
     p.add_argument("--rho-prox", type=float, default=d.rho_prox)
+    p.add_argument("--rho-prox-per-layer", type=str, default="",
+                   help="comma-separated ρ', one per layer (overrides --rho-prox), e.g. 1.0,10.0")
     p.add_argument("--x-steps", type=int, default=d.x_max_steps)
     p.add_argument("--w-steps", type=int, default=d.w_max_steps)
     p.add_argument("--w-mode", type=str, default=d.w_mode)
@@ -68,7 +70,8 @@ def configs(args):
                        rho_prox=args.rho_prox, x_max_steps=args.x_steps, w_max_steps=args.w_steps, w_mode=args.w_mode,
                        alternations=args.alternations, schedule=args.schedule, warm_start_epochs=1,
                        warm_start_lr=args.finetune_lr, progress=False, activation=args.activation,
-                       lambda_update=args.lambda_update, outer_momentum=args.outer_momentum))
+                       lambda_update=args.lambda_update, outer_momentum=args.outer_momentum,
+                       rho_prox_per_layer=tuple(float(v) for v in args.rho_prox_per_layer.split(",") if v.strip())))
     adam = default_config.get_config()
     adam.update(dict(trainer="adam", dataset=args.dataset, layers=args.layers, batch_size=args.batch_size,
                      seed=args.seed, total_epochs=args.epochs, learning_rate=args.adam_lr, progress=False,
@@ -117,7 +120,8 @@ def main(argv=None):
     print()
     print(f"{args.dataset} {lifted_job.architecture}, batch {args.batch_size}, {jax.devices()[0].platform}, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
-    print(f"lifted: lambda={args.lambdas} rho={args.rho} rho'={args.rho_prox} x_steps={args.x_steps} "
+    print(f"lifted: lambda={args.lambdas} rho={args.rho} rho'={args.rho_prox_per_layer or args.rho_prox} "
+          f"x_steps={args.x_steps} "
           f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} alternations={args.alternations} "
           f"outer_momentum={args.outer_momentum}")
     print("| epoch | lifted | lifted + 1 Adam epoch | Adam |")
