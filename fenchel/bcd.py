@@ -286,11 +286,8 @@ class LiftedTrainer(Trainer):
 
     def params(self, state):
         """The network's weights; with a head, the evaluation network (mean of the branches' logits)."""
-        if self._outer is not None:
-            state = state[0]
-        if self.config.lambda_update != "fixed":
-            state = state[0]
-        return state if self.head is None else self.head.collapse(state[0])
+        weights = self._weights(state[0] if self._outer is not None else state)
+        return weights if self.head is None else self.head.collapse(weights)
 
     def metrics(self, state, x, y) -> dict:
         """The lifted objective after one X step at fixed W, its terms, and the network loss, on (x, y).
