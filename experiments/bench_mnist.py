@@ -121,9 +121,8 @@ def main(argv=None):
     print(f"{args.dataset} {lifted_job.architecture}, batch {args.batch_size}, {jax.devices()[0].platform}, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
     print(f"lifted: lambda={args.lambdas} rho={args.rho} rho'={args.rho_prox_per_layer or args.rho_prox} "
-          f"x_steps={args.x_steps} "
-          f"w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} alternations={args.alternations} "
-          f"outer_momentum={args.outer_momentum}")
+          f"x_steps={args.x_steps} w_steps={args.w_steps} w_mode={args.w_mode} schedule={args.schedule} "
+          f"alternations={args.alternations} outer_momentum={args.outer_momentum}")
     print("| epoch | lifted | lifted + 1 Adam epoch | Adam |")
     print("|---|---|---|---|")
     for e in report:

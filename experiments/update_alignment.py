@@ -13,7 +13,7 @@ Every `--every` steps of training (the launcher's config and trainer; batches fr
   norm_l  ‖ΔW_l‖ and ‖g_l‖;
   dL_l    L(W with layer l updated alone) − L(W) on that batch, and dL for the whole update;
   fresh   L(W) on the batch before the update (a batch the weights have not yet seen).
-With outer momentum, ΔW includes the momentum term. README: "Sigmoid and tanh accuracy".
+With outer momentum, ΔW includes the momentum term. README: "Outer momentum".
 """
 
 from __future__ import annotations
@@ -35,16 +35,17 @@ def _cos(a, b) -> float:
     return float(jnp.vdot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-30))
 
 
-def alignment(job: Job, state, x, y) -> tuple:
-    """(the record of one update on (x, y), the state after it)."""
+def alignment(job: Job, state, idx) -> tuple:
+    """(the record of one update on the training rows idx, the state after it)."""
     trainer = job.trainer
+    x, y = job.x_train[idx], job.y_train[idx]
 
     def batch_loss(params):
         return jnp.mean(loss_per_sample(job.config.loss, y, forward(params, x, job.penalty, job.layers)[1]))
 
     params = trainer.params(state)
     grads = jax.grad(batch_loss)(params)
-    state, _ = trainer.step(state, x, y)
+    state, _ = loop.step_on_rows(trainer)(state, job.x_train, job.y_train, idx)  # the training step itself
     new = trainer.params(state)
     before = float(batch_loss(params))
     record = {"fresh_loss": before, "dL": float(batch_loss(new)) - before, "layers": []}
@@ -70,7 +71,7 @@ def run(job: Job, steps: int, every: int, log=print) -> list:
             if done == steps:
                 break
             if done % every == 0:
-                rec, state = alignment(job, state, job.x_train[idx], job.y_train[idx])
+                rec, state = alignment(job, state, idx)
                 records.append({"step": done, **rec})
                 layers = " | ".join(f"L{l} cos {r['cos']:+.3f} |ΔW| {r['update_norm']:.2e} |g| {r['grad_norm']:.2e} "
                                     f"dL {r['dL']:+.4f}" for l, r in enumerate(rec["layers"]))
