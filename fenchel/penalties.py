@@ -88,51 +88,37 @@ class Penalty:
 ROOT_MAX_ITERS = 60
 
 
-def _monotone_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, with_iters: bool = False):
-    """Safeguarded Newton (rtsafe) for the root of an increasing fn on the bracket [lo, hi], from t0.
+def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, with_iters: bool = False):
+    """Root of fn(t) = s·t + φ(t) − z (s ≥ 0) on the bracket [lo, hi] by Newton's method on one half-line, from t0.
 
-    fn_and_slope(t) = (fn(t), fn'(t)). A Newton step is taken only when it
-    stays inside the bracket (up to √eps, then clipped: a root at one end of
-    it, e.g. a saturated σ, is common) and, after the first step, moves less
-    than half the step before it; otherwise the bracket is bisected, so the
-    bracket at least halves every two iterations and Newton's quadratic
-    convergence takes over near the root. The first step is free so that a
-    start clipped to one end of the bracket can jump to a root at the other.
+    fn_and_slope(t) = (fn(t), fn'(t)), fn' > 0. φ is sigmoidal: convex on t < 0 and concave on t > 0 (σ, tanh).
+    The sign of fn(0) says on which side of 0 the root lies, and every iterate is clipped to that side's part of
+    the bracket, where fn is convex (root ≤ 0) or concave (root ≥ 0). There Newton's method converges from any
+    start: on the concave side a tangent lies above fn, so an iterate left of the root steps towards it and never
+    past it, and one right of the root lands left of it (or at 0) in one step; the convex side is the mirror
+    image. So after at most one step the iterates move monotonically to the root, and quadratically near it.
 
-    An element stops once a Newton step moved it by ≤ √eps·(1 + |t|) (the
-    step after it is then at rounding level) or its bracket has shrunk to
-    rounding level; the `lax.while_loop` ends when every element has, or
-    after max_iters. A start near the root (the previous FISTA iterate)
-    therefore costs one or two iterations instead of a bisection from the
-    bracket's midpoint. Elementwise, so it vectorises and jits. with_iters:
-    also return the number of iterations taken.
+    The `lax.while_loop` stops when every element's last step was ≤ √eps·(1 + |t|) (the next would be at rounding
+    level), or after max_iters. A start near the root (the previous FISTA iterate) therefore costs one or two
+    iterations. The loop carries only t: no per-element bracket or flags, so an iteration is one elementwise pass
+    and one reduction. Elementwise, so it vectorises and jits. with_iters: also return the iterations taken.
     """
-    finfo = jnp.finfo(jnp.result_type(lo))
-    rtol, atol = jnp.sqrt(finfo.eps), 4.0 * finfo.eps
-    t0 = jnp.clip(t0, lo, hi)
+    rtol = jnp.sqrt(jnp.finfo(jnp.result_type(lo)).eps)
+    root_above_0 = fn_and_slope(jnp.zeros_like(t0))[0] < 0
+    lo = jnp.where(root_above_0, jnp.maximum(lo, 0.0), lo)
+    hi = jnp.where(root_above_0, hi, jnp.minimum(hi, 0.0))
 
     def body(carry):
-        i, t, lo, hi, last_step, done = carry
+        i, t, _ = carry
         f, slope = fn_and_slope(t)
-        lo = jnp.where(f < 0, t, lo)
-        hi = jnp.where(f > 0, t, hi)
-        newton = t - f / slope
-        # inside the bracket up to rounding (a root at one end of it, e.g. σ saturated, is common)
-        slack = rtol * (1.0 + jnp.abs(newton))
-        inside = (newton >= lo - slack) & (newton <= hi + slack)
-        accept = inside & ((i == 0) | (jnp.abs(newton - t) < 0.5 * last_step))
-        t_next = jnp.where(accept, jnp.clip(newton, lo, hi), 0.5 * (lo + hi))
-        step = jnp.abs(t_next - t)
-        scale = 1.0 + jnp.abs(t_next)
-        now_done = (f == 0) | (accept & (step <= rtol * scale)) | (hi - lo <= atol * scale)
-        t_next = jnp.where(done | (f == 0), t, t_next)
-        return i + 1, t_next, lo, hi, jnp.where(done, last_step, step), done | now_done
+        t_next = jnp.clip(t - f / slope, lo, hi)
+        done = jnp.all(jnp.abs(t_next - t) <= rtol * (1.0 + jnp.abs(t_next)))
+        return i + 1, t_next, done
 
     def cond(carry):
-        return (carry[0] < max_iters) & ~jnp.all(carry[5])
+        return (carry[0] < max_iters) & ~carry[2]
 
-    init = (jnp.zeros((), jnp.int32), t0, lo, hi, jnp.abs(hi - lo), jnp.zeros(t0.shape, bool))
-    iters, t = jax.lax.while_loop(cond, body, init)[:2]
+    iters, t, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), jnp.clip(t0, lo, hi), jnp.zeros((), bool)))
     return (t, iters) if with_iters else t
 
 
@@ -224,7 +210,7 @@ def _logit(v):
 
 
 def _bounded_prox(z, s, guess, phi_and_slope, inverse, lower: float, upper: float):
-    """argmin_v s·F*(v) + ½(v − z)² for an increasing φ onto (lower, upper): v = φ(t) with s·t + φ(t) = z.
+    """argmin_v s·F*(v) + ½(v − z)² for an increasing sigmoidal φ onto (lower, upper): v = φ(t) with s·t + φ(t) = z.
 
     The root lies in [(z − upper)/s, (z − lower)/s]. It starts from inverse(guess) (the previous FISTA
     iterate; None: clip(z), the answer as s → 0), which the answer does not depend on; s = 0 gives clip(z).
@@ -237,7 +223,7 @@ def _bounded_prox(z, s, guess, phi_and_slope, inverse, lower: float, upper: floa
         phi, slope = phi_and_slope(t)
         return s_safe * t + phi - z, s_safe + slope
 
-    t = _monotone_root(fn_and_slope, (z - upper) / s_safe, (z - lower) / s_safe, inverse(v0))
+    t = _sigmoidal_root(fn_and_slope, (z - upper) / s_safe, (z - lower) / s_safe, inverse(v0))
     return jnp.where(s > 0, phi_and_slope(t)[0], jnp.clip(z, lower, upper))
 
 

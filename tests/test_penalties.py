@@ -240,7 +240,7 @@ def test_prox_of_G_does_not_depend_on_its_start_point(act):
     pen = get_penalty(act)
     rng = np.random.default_rng(3)
     z = rng.uniform(-3, 3, 400)
-    s = rng.choice([1e-3, 0.05, 0.5, 5.0], 400)
+    s = rng.choice([1e-6, 1e-3, 0.05, 0.5, 5.0, 1e3], 400)
     ref = np.array([phi(brentq(lambda t: ss * t + phi(t) - zz, (zz - 1) / ss - 1, (zz + 1) / ss + 1, xtol=1e-14))
                     for zz, ss in zip(z, s)])
     guesses = [np.full_like(z, lo), np.full_like(z, hi), rng.uniform(lo, hi, z.shape), ref, np.full_like(z, 1e6)]
@@ -250,26 +250,30 @@ def test_prox_of_G_does_not_depend_on_its_start_point(act):
 
 
 def test_root_finder_started_near_the_root_stops_in_a_few_iterations():
-    """From the root: one iteration; from far away: the root all the same, after more iterations.
+    """From the root: one iteration; from far away on either side: the root all the same, after more iterations.
 
-    The warm start is what makes FISTA's prox calls cheap; a stopping rule that never fires would run to
-    max_iters every time (the test would see 50).
+    fn(t) = 0.1·t + tanh(t) − z with z = 0.1 + tanh(1), root t = 1 (by construction). The warm start is what makes
+    FISTA's prox calls cheap; a stopping rule that never fires would run to max_iters every time (50 here), and
+    Newton without the half-line clip bounces across the root from t = −9 (tanh is convex there).
     """
-    from fenchel.penalties import _monotone_root
+    from fenchel.penalties import _sigmoidal_root
+
+    z = 0.1 + np.tanh(1.0)
 
     def fn_and_slope(t):
-        return t**3 + t - 2.0, 3 * t**2 + 1.0  # increasing, root t = 1
+        return 0.1 * t + jnp.tanh(t) - z, 0.1 + 1.0 - jnp.tanh(t) ** 2
 
-    lo, hi = jnp.full(5, -10.0), jnp.full(5, 10.0)
-    root, iters = _monotone_root(fn_and_slope, lo, hi, jnp.ones(5), max_iters=50, with_iters=True)
+    lo, hi = jnp.full(5, (z - 1) / 0.1), jnp.full(5, (z + 1) / 0.1)
+    root, iters = _sigmoidal_root(fn_and_slope, lo, hi, jnp.ones(5), max_iters=50, with_iters=True)
     np.testing.assert_allclose(np.asarray(root), 1.0, atol=1e-12)
     assert int(iters) == 1
-    near, iters_near = _monotone_root(fn_and_slope, lo, hi, jnp.full(5, 1.001), max_iters=50, with_iters=True)
+    near, iters_near = _sigmoidal_root(fn_and_slope, lo, hi, jnp.full(5, 1.001), max_iters=50, with_iters=True)
     np.testing.assert_allclose(np.asarray(near), 1.0, atol=1e-12)
     assert int(iters_near) <= 4
-    far, iters_far = _monotone_root(fn_and_slope, lo, hi, jnp.full(5, -9.0), max_iters=50, with_iters=True)
-    np.testing.assert_allclose(np.asarray(far), 1.0, atol=1e-12)
-    assert int(iters_near) < int(iters_far) < 50
+    for start in (-9.0, 30.0):
+        far, iters_far = _sigmoidal_root(fn_and_slope, lo, hi, jnp.full(5, start), max_iters=50, with_iters=True)
+        np.testing.assert_allclose(np.asarray(far), 1.0, atol=1e-12)
+        assert int(iters_near) < int(iters_far) < 50
 
 
 @pytest.mark.parametrize("act", ["sigmoid", "tanh"])
@@ -283,14 +287,14 @@ def test_prox_of_G_from_its_own_answer_takes_few_root_iterations(act, monkeypatc
     import fenchel.penalties as penalties
 
     counts = []
-    root = penalties._monotone_root
+    root = penalties._sigmoidal_root
 
     def counting(*args, **kwargs):
         t, iters = root(*args, **{**kwargs, "with_iters": True})
         counts.append(int(iters))
         return t
 
-    monkeypatch.setattr(penalties, "_monotone_root", counting)
+    monkeypatch.setattr(penalties, "_sigmoidal_root", counting)
     pen = get_penalty(act)
     z = jnp.asarray(np.random.default_rng(0).normal(0.5, 1.5, (100, 300)), jnp.float32)  # many saturated
     s = jnp.float32(0.05)
