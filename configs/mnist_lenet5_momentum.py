@@ -2,6 +2,7 @@
 heavy-ball momentum β = 0.9 on the minibatch updates, ρ' = 1 on the four hidden layers and 10 on the output
 layer (the MLP settings of configs/mnist_mlp_momentum.py, not tuned for the CNN), 18 epochs, no warm start.
 
+    python -m experiments.run --config configs/mnist_lenet5_momentum.py --workdir runs/mnist_lenet5_momentum
     python -m experiments.reproduce --config configs/mnist_lenet5_momentum.py --trainers fenchel,adam,sgd \
         --seeds 3 --workdir runs/lenet18_momentum
 
