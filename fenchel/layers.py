@@ -29,6 +29,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 W_FORMS = ("auto", "primal", "primal_mm", "kernel", "kernel_mm")
@@ -118,12 +119,14 @@ def _check_form(spec, requested: str, mu) -> None:
         raise ValueError("w_mode='kernel_mm' needs ρ + ρ' > 0 (a strongly convex W block)")
 
 
-CONV_IMPLS = ("auto", "im2col", "lax")
+CONV_IMPLS = ("auto", "im2col", "toeplitz", "lax")
 CONV_IMPL = "auto"  # the convolution's implementation; set it (tests do) to force one
+TOEPLITZ_MAX_WIDTH_RATIO = 4  # "auto" takes the row-Toeplitz form when the padded input width ≤ this × kernel size
 
 
 def conv_impl() -> str:
-    """"im2col" or "lax": `CONV_IMPL`, where "auto" means im2col on the CPU backend and lax elsewhere."""
+    """"im2col", "toeplitz" or "lax": `CONV_IMPL`, where "auto" means a matrix-product form on the CPU backend
+    (`Conv.linear_map` picks im2col or row-Toeplitz by shape) and lax elsewhere."""
     if CONV_IMPL not in CONV_IMPLS:
         raise ValueError(f"unknown CONV_IMPL {CONV_IMPL!r}; known: {', '.join(CONV_IMPLS)}")
     if CONV_IMPL != "auto":
@@ -182,22 +185,60 @@ class Conv:
     def _shifted_windows(self, x: jax.Array) -> jax.Array:
         """im2col by k² strided slices of the padded, pooled input: (N, H', W', k²C), last axis in (kh, kw, c)
         order, so that conv(pool(X), W) = windows · W.reshape(k²C, features)."""
-        x = avg_pool(x, self.pool)
+        x = self._padded_pooled(x)
         k, s = self.kernel_size, self.stride
-        (ph, pw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding)
-        x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
         ho, wo = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
         return jnp.concatenate([x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
                                 for i in range(k) for j in range(k)], axis=-1)
 
+    def _padded_width(self, in_shape) -> int:
+        h, w, _ = _pool_shape(in_shape, self.pool)
+        k, s = self.kernel_size, self.stride
+        return w + sum(lax.padtype_to_pads((h, w), (k, k), (s, s), self.padding)[1])
+
+    def _padded_pooled(self, x: jax.Array) -> jax.Array:
+        x = avg_pool(x, self.pool)
+        k, s = self.kernel_size, self.stride
+        (ph, pw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding)
+        return jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+
+    def _row_toeplitz_map(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """conv(pool(X), W) as k products of input rows with row-Toeplitz matrices:
+        U[:, i] = Σ_kh X̃[:, s·i + kh] T_kh, X̃ the padded, pooled input with rows flattened to (W_p·C), and
+        T_kh[(w, c), (j, o)] = W[kh, w − s·j, c, o] where 0 ≤ w − s·j < k (0 elsewhere).
+
+        k products instead of im2col's k² slices: its adjoint (from autodiff) sums k shifted row blocks, not k²
+        shifted windows, which XLA:CPU recomputes in every fused consumer inside an X block's FISTA loop.
+        Costs W_p/k times im2col's multiply-adds, so `linear_map` takes it only for narrow maps."""
+        x = self._padded_pooled(x)
+        k, s = self.kernel_size, self.stride
+        n, hp, wp, c = x.shape
+        ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
+        select = np.zeros((wp, wo, k), np.float32)  # select[w, j, q] = 1 where w = s·j + q
+        for j in range(wo):
+            select[s * j + np.arange(k), j, np.arange(k)] = 1.0
+        toeplitz = jnp.einsum("wjq,hqco->hwcjo", jnp.asarray(select, kernel.dtype), kernel)
+        toeplitz = toeplitz.reshape(k, wp * c, wo * kernel.shape[-1])
+        rows = x.reshape(n, hp, wp * c)
+        out = sum(rows[:, kh:kh + s * (ho - 1) + 1:s] @ toeplitz[kh] for kh in range(k))
+        return out.reshape(n, ho, wo, kernel.shape[-1])
+
     def linear_map(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """A(X; W) = conv(pool(X), W), NHWC × HWIO → NHWC.
 
-        On the CPU as im2col (strided slices) times the kernel matrix: XLA:CPU runs a convolution inside a
-        `while_loop` (every FISTA iteration of an X block) about 3× slower than at top level, a matrix
-        product it does not (`experiments.bench` shows the block times). Elsewhere `lax.conv_general_dilated`.
+        On the CPU as matrix products: XLA:CPU runs a convolution inside a `while_loop` (every FISTA iteration
+        of an X block) about 3× slower than at top level, a matrix product it does not. "auto" takes the
+        row-Toeplitz form (`_row_toeplitz_map`) when the padded, pooled input is at most
+        TOEPLITZ_MAX_WIDTH_RATIO kernel sizes wide (LeNet-5's second convolution: 14 columns, k = 5), else
+        im2col (k² strided slices times the kernel matrix). Elsewhere `lax.conv_general_dilated`.
         """
-        if conv_impl() == "im2col":
+        impl = conv_impl()
+        if impl == "im2col" and CONV_IMPL == "auto" and self._padded_width(x.shape[1:]) <= (
+                TOEPLITZ_MAX_WIDTH_RATIO * self.kernel_size):
+            impl = "toeplitz"
+        if impl == "toeplitz":
+            return self._row_toeplitz_map(x, kernel)
+        if impl == "im2col":
             return self._shifted_windows(x) @ kernel.reshape(-1, kernel.shape[-1])
         return lax.conv_general_dilated(avg_pool(x, self.pool), kernel, (self.stride, self.stride), self.padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -70,7 +70,7 @@ SPECS = [Conv(4, 3), Conv(4, 3, stride=2), Conv(4, 3, padding="SAME"), Conv(4, 3
          Conv(4, 3, pool=2), Conv(3, 2, stride=2, padding="SAME", pool=2), Dense(5, pool=2), Dense(5)]
 
 
-@pytest.fixture(params=["im2col", "lax"])
+@pytest.fixture(params=["im2col", "toeplitz", "lax"])
 def each_conv_impl(request, monkeypatch):
     """Run a test with each implementation of the convolution (`fenchel.layers.CONV_IMPL`)."""
     import fenchel.layers
@@ -93,6 +93,20 @@ def test_linear_maps_and_patches_match_numpy(spec, each_conv_impl):
                                (expected - np.asarray(layer["bias"])).reshape(z.shape[0], -1), atol=1e-12)
     flax_out = make_network((spec,)).apply({"params": {"layer_0": layer}}, jnp.asarray(x))
     np.testing.assert_allclose(flax_out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", [8, 24])
+def test_auto_conv_form_matches_numpy_on_narrow_and_wide_maps(width):
+    """"auto" takes the row-Toeplitz form on the CPU for a map at most 4 kernel sizes wide (8 columns, k = 3) and
+    im2col for a wider one (24 columns); both agree with numpy, stride 2 and SAME padding included."""
+    import fenchel.layers
+
+    assert fenchel.layers.CONV_IMPL == "auto"
+    x = RNG.normal(size=(2, width, width, 2))
+    for spec in (Conv(4, 3), Conv(3, 3, stride=2, padding="SAME")):
+        layer = spec.init(jax.random.PRNGKey(2), x.shape[1:], jnp.float64)
+        np.testing.assert_allclose(spec.linear_map(jnp.asarray(x), layer["kernel"]), np_apply(spec, x, layer),
+                                   rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("spec", SPECS + [parse_layers("conv:3:3:same,pool:2,conv:2:3")], ids=repr)
