@@ -228,8 +228,10 @@ def _bounded_prox(z, s, guess, phi_and_slope, inverse, lower: float, upper: floa
 
 
 def _sigmoid_and_slope(t):
-    sig = jax.nn.sigmoid(t)
-    return sig, sig * (1.0 - sig)
+    """(σ(t), σ'(t)) as ½(1 + h), ¼(1 − h²) with h = tanh(t/2): one tanh, which XLA:CPU evaluates faster than its
+    logistic (an absolute error of a few ulp of 1 where σ(t) is tiny, which the prox's tolerance allows)."""
+    h = jnp.tanh(0.5 * t)
+    return 0.5 + 0.5 * h, 0.25 * (1.0 - h * h)
 
 
 def _sigmoid_prox(z, s, guess=None):
