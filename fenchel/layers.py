@@ -244,8 +244,9 @@ class Conv:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def patches(self, x: jax.Array) -> jax.Array:
-        """Z with rows (sample, output position) and columns (kh, kw, c) in kernel order: A(X; W) = Z W_flat."""
-        if conv_impl() == "im2col":
+        """Z with rows (sample, output position) and columns (kh, kw, c) in kernel order: A(X; W) = Z W_flat
+        (im2col for the matrix-product forms, computed once per W block solve)."""
+        if conv_impl() != "lax":
             z = self._shifted_windows(x)
             return z.reshape(-1, z.shape[-1])
         k = self.kernel_size
