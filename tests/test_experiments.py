@@ -412,8 +412,9 @@ def test_cli_file_errors_are_one_line(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
+    # 5,000 epochs: the run must still be going when SIGINT comes, even if this process stalls for a while
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "--config", "configs/tiny.py", "--workdir",
-                             str(tmp_path / "w"), "--config.train_size=0", "--config.total_epochs=50"],
+                             str(tmp_path / "w"), "--config.train_size=0", "--config.total_epochs=5000"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     start = time.time()
