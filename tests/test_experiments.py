@@ -412,18 +412,24 @@ def test_cli_file_errors_are_one_line(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
-    # 5,000 epochs: the run must still be going when SIGINT comes, even if this process stalls for a while
+    # 5,000 epochs: the run must still be going when SIGINT comes, even if this process stalls for a while.
+    # The child gets SIGINT's default disposition: an ignored signal is inherited through exec, and Python then
+    # installs no KeyboardInterrupt handler (an earlier test in the session can leave SIGINT ignored).
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "--config", "configs/tiny.py", "--workdir",
                              str(tmp_path / "w"), "--config.train_size=0", "--config.total_epochs=5000"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    start = time.time()
-    while not (tmp_path / "w" / "metrics.jsonl").exists() and time.time() < start + 90:
-        time.sleep(0.2)
-    waited = time.time() - start
-    proc.send_signal(signal.SIGINT)
-    # the exit waits for the steps already dispatched (up to an epoch): minutes on a loaded 2-core machine
-    _, err = proc.communicate(timeout=240)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        start = time.time()
+        while not (tmp_path / "w" / "metrics.jsonl").exists() and time.time() < start + 90:
+            time.sleep(0.2)
+        waited = time.time() - start
+        proc.send_signal(signal.SIGINT)
+        # the exit waits for the steps already dispatched (up to an epoch): minutes on a loaded 2-core machine
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
     epochs = len(Workdir(tmp_path / "w").read_metrics())
     assert proc.returncode == 130, (f"exit {proc.returncode}; SIGINT sent {waited:.1f} s after launch, "
                                     f"{epochs} epoch(s) logged; stderr ends: {err[-2000:]}")
