@@ -413,13 +413,14 @@ def test_cli_file_errors_are_one_line(tmp_path):
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
     # 5,000 epochs: the run must still be going when SIGINT comes, even if this process stalls for a while.
-    # The child gets SIGINT's default disposition: an ignored signal is inherited through exec, and Python then
-    # installs no KeyboardInterrupt handler (an earlier test in the session can leave SIGINT ignored).
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "--config", "configs/tiny.py", "--workdir",
-                             str(tmp_path / "w"), "--config.train_size=0", "--config.total_epochs=5000"],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # The child installs Python's SIGINT handler itself: an ignored signal is inherited through exec, and Python
+    # then installs none (an earlier test in the session can leave SIGINT ignored in this process).
+    args = ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"), "--config.train_size=0",
+            "--config.total_epochs=5000"]
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"sys.argv = ['experiments.run', *{args!r}]; runpy.run_module('experiments.run', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launch], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         start = time.time()
         while not (tmp_path / "w" / "metrics.jsonl").exists() and time.time() < start + 90:
