@@ -124,14 +124,16 @@ CONV_IMPL = "auto"  # the convolution's implementation; set it (tests do) to for
 TOEPLITZ_MAX_WIDTH_RATIO = 4  # "auto" takes the row-Toeplitz form when the padded input width ≤ this × kernel size
 
 
-def conv_impl() -> str:
-    """"im2col", "toeplitz" or "lax": `CONV_IMPL`, where "auto" means a matrix-product form on the CPU backend
-    (`Conv.linear_map` picks im2col or row-Toeplitz by shape) and lax elsewhere."""
+def conv_impl(narrow: bool = False) -> str:
+    """"im2col", "toeplitz" or "lax": `CONV_IMPL`, where "auto" means lax off the CPU backend and on it a
+    matrix-product form: row-Toeplitz for a narrow map (see `Conv.linear_map`), else im2col."""
     if CONV_IMPL not in CONV_IMPLS:
         raise ValueError(f"unknown CONV_IMPL {CONV_IMPL!r}; known: {', '.join(CONV_IMPLS)}")
     if CONV_IMPL != "auto":
         return CONV_IMPL
-    return "im2col" if jax.default_backend() == "cpu" else "lax"
+    if jax.default_backend() != "cpu":
+        return "lax"
+    return "toeplitz" if narrow else "im2col"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +193,14 @@ class Conv:
         return jnp.concatenate([x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
                                 for i in range(k) for j in range(k)], axis=-1)
 
-    def _padded_width(self, in_shape) -> int:
-        h, w, _ = _pool_shape(in_shape, self.pool)
+    def _pads(self, hw) -> list:
+        """[(top, bottom), (left, right)] padding of a pooled H×W map."""
         k, s = self.kernel_size, self.stride
-        return w + sum(lax.padtype_to_pads((h, w), (k, k), (s, s), self.padding)[1])
+        return lax.padtype_to_pads(tuple(hw), (k, k), (s, s), self.padding)
 
     def _padded_pooled(self, x: jax.Array) -> jax.Array:
         x = avg_pool(x, self.pool)
-        k, s = self.kernel_size, self.stride
-        (ph, pw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding)
-        return jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+        return jnp.pad(x, ((0, 0), *self._pads(x.shape[1:3]), (0, 0)))
 
     def _row_toeplitz_map(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """conv(pool(X), W) as k products of input rows with row-Toeplitz matrices:
@@ -232,10 +232,9 @@ class Conv:
         TOEPLITZ_MAX_WIDTH_RATIO kernel sizes wide (LeNet-5's second convolution: 14 columns, k = 5), else
         im2col (k² strided slices times the kernel matrix). Elsewhere `lax.conv_general_dilated`.
         """
-        impl = conv_impl()
-        if impl == "im2col" and CONV_IMPL == "auto" and self._padded_width(x.shape[1:]) <= (
-                TOEPLITZ_MAX_WIDTH_RATIO * self.kernel_size):
-            impl = "toeplitz"
+        h, w, _ = _pool_shape(x.shape[1:], self.pool)
+        padded_width = w + sum(self._pads((h, w))[1])
+        impl = conv_impl(narrow=padded_width <= TOEPLITZ_MAX_WIDTH_RATIO * self.kernel_size)
         if impl == "toeplitz":
             return self._row_toeplitz_map(x, kernel)
         if impl == "im2col":
