@@ -10,9 +10,11 @@ Public API:
   Trainer, GradientTrainer, StepInfo    the trainer interface; backprop with an optax optimiser
   SolverConfig                          stopping rule of each block solve
   heads.Head, heads.MERGES              K output branches merged by sum, mean or GuideBP's guide
+
+Importing fenchel sets OPENBLAS_NUM_THREADS=1 unless it is set (`fenchel._blas`).
 """
 
-from fenchel import heads, layers
+from fenchel import _blas, heads, layers  # noqa: F401  (_blas first: before any LAPACK call)
 from fenchel.bcd import SCHEDULES, LiftedConfig, LiftedTrainer
 from fenchel.blocks import SolverConfig
 from fenchel.heads import MERGES, Head

@@ -8,4 +8,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 
+import fenchel  # noqa: E402,F401  (one OpenBLAS thread, set before the test modules import scipy.linalg)
+
 jax.config.update("jax_enable_x64", True)

@@ -6,6 +6,8 @@ form; nothing from the library computes an expected value. (The tests that two s
 vmapped solves, take the same iterates compare the library with itself by design.)
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -676,3 +678,23 @@ def test_w_hidden_block_with_per_neuron_lambdas(w_mode):
         return (np.sum(LAM_OUT * ref_B("relu", u, x_out)) / N, LAM_OUT * (ref_phi("relu", u) - x_out) / N)
 
     check_w_optimal(p, w_objective(x_in, N_OUT, fit, rho, anchor, rho_prox))
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
+def test_importing_fenchel_gives_openblas_one_thread_unless_the_user_chose(preset, expected):
+    """jax's LAPACK calls (the W blocks' Cholesky factors) run in scipy's OpenBLAS, whose threads otherwise
+    compete with XLA's (a 100×100 factor inverse: 10 ms at the 90th percentile on 2 cores). The variable must be
+    set at import, before OpenBLAS loads; a user's own value is kept."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    code = ("import sys, os, fenchel; assert 'scipy.linalg' not in sys.modules; "
+            "print(os.environ['OPENBLAS_NUM_THREADS'])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
