@@ -86,6 +86,7 @@ class Penalty:
 
 # ---------------------------------------------------------------- scalar root
 ROOT_MAX_ITERS = 60
+UNROLLED_ROOT_STEPS = 2  # Newton steps before the loop (`_sigmoidal_root`)
 
 
 def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, with_iters: bool = False):
@@ -98,10 +99,13 @@ def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, w
     past it, and one right of the root lands left of it (or at 0) in one step; the convex side is the mirror
     image. So after at most one step the iterates move monotonically to the root, and quadratically near it.
 
-    The `lax.while_loop` stops when every element's last step was ≤ √eps·(1 + |t|) (the next would be at rounding
-    level), or after max_iters. A start near the root (the previous FISTA iterate) therefore costs one or two
-    iterations. The loop carries only t: no per-element bracket or flags, so an iteration is one elementwise pass
-    and one reduction. Elementwise, so it vectorises and jits. with_iters: also return the iterations taken.
+    The first UNROLLED_ROOT_STEPS steps are straight-line code; a `lax.while_loop` then continues until every
+    element's last step was ≤ √eps·(1 + |t|) (the next would be at rounding level), or max_iters steps in all. A
+    start near the root (the previous FISTA iterate) needs one or two steps, so the loop usually runs no iteration:
+    on XLA:CPU each loop iteration is a separate kernel launch and a host-side test, and the two unrolled steps cut
+    a sigmoid or tanh X step (784-300-10, minibatch 100) by 16% (docs/benchmarks.md). The loop carries only t: no
+    per-element bracket or flags, so an iteration is one elementwise pass and one reduction. Elementwise, so it
+    vectorises and jits. with_iters: also return the steps taken.
     """
     rtol = jnp.sqrt(jnp.finfo(jnp.result_type(lo)).eps)
     root_above_0 = fn_and_slope(jnp.zeros_like(t0))[0] < 0
@@ -118,7 +122,10 @@ def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, w
     def cond(carry):
         return (carry[0] < max_iters) & ~carry[2]
 
-    iters, t, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), jnp.clip(t0, lo, hi), jnp.zeros((), bool)))
+    carry = (jnp.zeros((), jnp.int32), jnp.clip(t0, lo, hi), jnp.zeros((), bool))
+    for _ in range(min(UNROLLED_ROOT_STEPS, max_iters)):  # straight-line: fused with the caller's elementwise work
+        carry = body(carry)
+    iters, t, _ = jax.lax.while_loop(cond, body, carry)
     return (t, iters) if with_iters else t
 
 
