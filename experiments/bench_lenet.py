@@ -6,7 +6,9 @@ update, and of one Adam step on the same network; then, for the two conv W
 blocks, the objective gap after a few iterations of plain FISTA ("primal")
 against FISTA preconditioned by the exact patch-matrix majoriser ("primal_mm").
 
-    python -m experiments.bench_lenet [--batch-size 100] [--reps 10]
+    python -m experiments.bench_lenet [--batch-size 100] [--reps 10] [--x-steps K --w-steps K]
+
+--x-steps/--w-steps override the config's iterations per X/W block (x_max_steps, w_max_steps).
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--x-steps", type=int, default=None, help="x_max_steps (default: the config's)")
+    p.add_argument("--w-steps", type=int, default=None, help="w_max_steps (default: the config's)")
     args = p.parse_args(argv)
     config = mnist_lenet5.get_config()
     config.update(dict(batch_size=args.batch_size, train_size=args.batch_size * 10, test_size=100, progress=False))
+    for key, value in (("x_max_steps", args.x_steps), ("w_max_steps", args.w_steps)):
+        if value is not None:
+            config[key] = value
     job = Job(config)
     tr: LiftedTrainer = job.trainer
     x, y, params = job.x_train[:args.batch_size], job.y_train[:args.batch_size], job.params0

@@ -141,15 +141,18 @@ def _x_problem(penalty: Penalty, lam_prev, downstream: Callable) -> Callable:
     Σ λ_prev P(U_prev, X) = Σ λ_prev [G(X) − c·U_prev·X] + const: the G part is the
     prox-friendly term, the coupling joins the smooth part. λ_prev is a scalar or
     one value per neuron (broadcast over X's last axis, its features or channels).
+    An iterative prox (sigmoid, tanh) runs warm: FISTA carries its root from call to call.
     """
     c = penalty.coupling
+    warm = penalty.prox_G_warm
 
     def problem(rows):
         u_p, extra = rows
         return Composite(
             smooth=lambda z: downstream(z, extra) - c * _row_sum(lam_prev * u_p * z),
             prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
-            prox_from=lambda z, s, x: penalty.prox_G(z, s * lam_prev, x),
+            prox_warm=None if warm is None else lambda z, s, t: warm(z, s * lam_prev, t),
+            warm_start=None if warm is None else penalty.prox_G_start,
             nonsmooth=lambda z: _row_sum(lam_prev * penalty.G(z)),
         )
 

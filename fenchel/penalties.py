@@ -27,7 +27,7 @@ float32 (times λ, a large negative "penalty").
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,10 @@ class Penalty:
       lower: lower end of dom G (−inf if unbounded).
       upper: upper end of dom G (+inf if unbounded).
       divergence: (u, v) ↦ P(u, v) for v ∈ dom G, in a form that is ≥ 0 in floating point.
+      prox_G_warm: for the iterative proxes (sigmoid, tanh; None for closed forms), (z, s, t) ↦ (v, t'): prox_G(z, s)
+        by a root search for v = φ(t') started at t. An iterative solver (FISTA) carries t' to its next prox call
+        instead of recovering it from v, which on XLA:CPU costs an extra log pass per call.
+      prox_G_start: v ↦ φ⁻¹(v) (clipped at the ends of dom G), the start t of prox_G_warm for a given v.
     """
 
     name: str
@@ -67,6 +71,8 @@ class Penalty:
     lower: float
     upper: float
     divergence: Callable[[Array, Array], Array]
+    prox_G_warm: Optional[Callable[[Array, Array, Array], tuple[Array, Array]]] = None
+    prox_G_start: Optional[Callable[[Array], Array]] = None
 
     def in_domain(self, v: Array) -> Array:
         """Boolean mask of v ∈ dom G."""
@@ -190,6 +196,17 @@ def leaky_relu_penalty(negative_slope: float = 0.01) -> Penalty:
 
 
 # ---------------------------------------------------------------- sigmoid
+def _with_derivative(f, df):
+    """f with the derivative df: autodiff of a block's smooth part then evaluates φ = F' directly.
+
+    Differentiating softplus or log cosh through their stable forms costs two or three transcendental passes per
+    element (exp, log1p, exp); φ costs one tanh. The W blocks' fit term F(U) − c·U·X is differentiated every iteration.
+    """
+    g = jax.custom_jvp(f)
+    g.defjvp(lambda primals, tangents: (f(primals[0]), df(primals[0]) * tangents[0]))
+    return g
+
+
 def _bernoulli_negentropy(v):
     return xlogy(v, v) + xlogy(1.0 - v, 1.0 - v)
 
@@ -216,22 +233,31 @@ def _logit(v):
     return jnp.log(jnp.maximum(v, tiny) / jnp.maximum(1.0 - v, tiny))
 
 
-def _bounded_prox(z, s, guess, phi_and_slope, inverse, lower: float, upper: float):
-    """argmin_v s·F*(v) + ½(v − z)² for an increasing sigmoidal φ onto (lower, upper): v = φ(t) with s·t + φ(t) = z.
+def _bounded_prox_root(z, s, t0, phi_and_slope, lower: float, upper: float):
+    """(v, t): v = argmin_v s·F*(v) + ½(v − z)² for an increasing sigmoidal φ onto (lower, upper), and the root t of
+    s·t + φ(t) = z, v = φ(t).
 
-    The root lies in [(z − upper)/s, (z − lower)/s]. It starts from inverse(guess) (the previous FISTA
-    iterate; None: clip(z), the answer as s → 0), which the answer does not depend on; s = 0 gives clip(z).
+    The root lies in [(z − upper)/s, (z − lower)/s]. Newton starts from t0 (the previous FISTA iterate's root), which
+    the answer does not depend on; s = 0 gives v = clip(z) (t is then meaningless).
     """
-    z, s = jnp.broadcast_arrays(z, jnp.asarray(s, dtype=jnp.result_type(z)))
+    s = jnp.asarray(s, dtype=jnp.result_type(z))
     s_safe = jnp.maximum(s, 1e-30)
-    v0 = jnp.clip(z if guess is None else jnp.broadcast_to(guess, z.shape), lower, upper)
+    inv_s = 1.0 / s_safe  # on s's own shape (often a scalar): the brackets below are then products, cheap to fuse
 
     def fn_and_slope(t):
         phi, slope = phi_and_slope(t)
         return s_safe * t + phi - z, s_safe + slope
 
-    t = _sigmoidal_root(fn_and_slope, (z - upper) / s_safe, (z - lower) / s_safe, inverse(v0))
-    return jnp.where(s > 0, phi_and_slope(t)[0], jnp.clip(z, lower, upper))
+    shape = jnp.broadcast_shapes(jnp.shape(z), jnp.shape(s))
+    lo, hi = jnp.broadcast_to((z - upper) * inv_s, shape), jnp.broadcast_to((z - lower) * inv_s, shape)
+    t = _sigmoidal_root(fn_and_slope, lo, hi, jnp.broadcast_to(t0, shape))
+    return jnp.where(s > 0, phi_and_slope(t)[0], jnp.clip(z, lower, upper)), t
+
+
+def _bounded_prox(z, s, guess, phi_and_slope, inverse, lower: float, upper: float):
+    """`_bounded_prox_root`'s v, started from inverse(guess) (guess None: clip(z), the answer as s → 0)."""
+    v0 = jnp.clip(z if guess is None else jnp.broadcast_to(guess, jnp.shape(z)), lower, upper)
+    return _bounded_prox_root(z, s, inverse(v0), phi_and_slope, lower, upper)[0]
 
 
 def _sigmoid_and_slope(t):
@@ -246,12 +272,17 @@ def _sigmoid_prox(z, s, guess=None):
     return _bounded_prox(z, s, guess, _sigmoid_and_slope, _logit, 0.0, 1.0)
 
 
+def _sigmoid_prox_warm(z, s, t):
+    """(v, t') with v = σ(t'), s·t' + σ(t') = z, from the start t (`_bounded_prox_root`)."""
+    return _bounded_prox_root(z, s, t, _sigmoid_and_slope, 0.0, 1.0)
+
+
 def sigmoid_penalty() -> Penalty:
     """B = log(1 + eᵘ) + v log v + (1 − v) log(1 − v) − u·v, v ∈ [0, 1]."""
     return Penalty(
         name="sigmoid",
         forward=jax.nn.sigmoid,
-        F=jax.nn.softplus,
+        F=_with_derivative(jax.nn.softplus, lambda u: _sigmoid_and_slope(u)[0]),
         G=_bernoulli_negentropy,
         prox_G=_sigmoid_prox,
         project=lambda v: optax.projections.projection_box(v, 0.0, 1.0),
@@ -260,6 +291,8 @@ def sigmoid_penalty() -> Penalty:
         lower=0.0,
         upper=1.0,
         divergence=_sigmoid_divergence,
+        prox_G_warm=_sigmoid_prox_warm,
+        prox_G_start=lambda v: _logit(jnp.clip(v, 0.0, 1.0)),
     )
 
 
@@ -285,9 +318,19 @@ def _tanh_and_slope(t):
     return th, 1.0 - th * th
 
 
+def _atanh(v):
+    """atanh(v) = ½ logit((1 + v)/2) for v ∈ [−1, 1], ±large at the ends."""
+    return 0.5 * _logit(0.5 * (1.0 + jnp.clip(v, -1.0, 1.0)))
+
+
 def _tanh_prox(z, s, guess=None):
-    """v = tanh(t) with s·t + tanh(t) = z (`_bounded_prox`); atanh(v) = ½ logit((1 + v)/2)."""
-    return _bounded_prox(z, s, guess, _tanh_and_slope, lambda v: 0.5 * _logit(0.5 * (1.0 + v)), -1.0, 1.0)
+    """v = tanh(t) with s·t + tanh(t) = z (`_bounded_prox`)."""
+    return _bounded_prox(z, s, guess, _tanh_and_slope, _atanh, -1.0, 1.0)
+
+
+def _tanh_prox_warm(z, s, t):
+    """(v, t') with v = tanh(t'), s·t' + tanh(t') = z, from the start t (`_bounded_prox_root`)."""
+    return _bounded_prox_root(z, s, t, _tanh_and_slope, -1.0, 1.0)
 
 
 def tanh_penalty() -> Penalty:
@@ -295,7 +338,7 @@ def tanh_penalty() -> Penalty:
     return Penalty(
         name="tanh",
         forward=jnp.tanh,
-        F=_log_cosh,
+        F=_with_derivative(_log_cosh, jnp.tanh),
         G=_tanh_conj,
         prox_G=_tanh_prox,
         project=lambda v: optax.projections.projection_box(v, -1.0, 1.0),
@@ -304,6 +347,8 @@ def tanh_penalty() -> Penalty:
         lower=-1.0,
         upper=1.0,
         divergence=_tanh_divergence,
+        prox_G_warm=_tanh_prox_warm,
+        prox_G_start=_atanh,
     )
 
 

@@ -57,8 +57,10 @@ class Composite(NamedTuple):
     grad: x ↦ ∇f(x) (default: autodiff of `smooth`).
     inner: (x, y) ↦ ⟨x, y⟩ (default: the Euclidean inner product of the leaves).
     norm: x ↦ ‖x‖ used for the residual (default: max-abs, per row if row-separable).
-    prox_from: (z, s, x) ↦ the same prox as `prox`, given the current iterate x as a start point;
-      an iterative prox (a root finder) then converges in a step or two near the solution.
+    prox_warm: (z, s, w) ↦ (prox(z, s), w′) for an iterative prox (a root finder): w is what the previous
+      call returned about the current iterate (its root), the search starts there and converges in a step or
+      two near the solution, and w′ is the same about the answer. The solver carries w in its state.
+    warm_start: x ↦ w for the start point (required with prox_warm).
     """
 
     smooth: Callable[[PyTree], jax.Array]
@@ -67,7 +69,8 @@ class Composite(NamedTuple):
     grad: Optional[Callable[[PyTree], PyTree]] = None
     inner: Optional[Callable[[PyTree, PyTree], jax.Array]] = None
     norm: Optional[Callable[[PyTree], jax.Array]] = None
-    prox_from: Optional[Callable[[PyTree, jax.Array, PyTree], PyTree]] = None
+    prox_warm: Optional[Callable[[PyTree, jax.Array, PyTree], tuple[PyTree, PyTree]]] = None
+    warm_start: Optional[Callable[[PyTree], PyTree]] = None
 
 
 class FISTAState(NamedTuple):
@@ -78,6 +81,7 @@ class FISTAState(NamedTuple):
     done: jax.Array  # converged flag, scalar or per row
     step: jax.Array  # iteration counter
     nonfinite: jax.Array  # a non-finite value was met
+    warm: PyTree = None  # the iterative prox's data about x (`Composite.prox_warm`), else None
 
 
 class SolveInfo(NamedTuple):
@@ -149,7 +153,9 @@ class FISTA:
 
     # ---------------------------------------------------------------- API
     def init(self, problem: Composite, x0: PyTree, lipschitz) -> FISTAState:
-        del problem, lipschitz
+        del lipschitz
+        if (problem.prox_warm is None) != (problem.warm_start is None):
+            raise ValueError("Composite.prox_warm and Composite.warm_start go together: give both or neither")
         rows = self.row_separable
         shape = (_leaves(x0)[0].shape[0],) if rows else ()
         dtype = _leaves(x0)[0].dtype
@@ -161,6 +167,7 @@ class FISTA:
             done=jnp.zeros(shape, bool),
             step=jnp.zeros((), jnp.int32),
             nonfinite=jnp.zeros((), bool),
+            warm=None if problem.warm_start is None else problem.warm_start(x0),
         )
 
     def update(self, problem: Composite, state: FISTAState, lipschitz) -> FISTAState:
@@ -171,10 +178,10 @@ class FISTA:
         else:
             grad = problem.grad(state.y)
         forward = jax.tree_util.tree_map(lambda y, g: y - step_size * g, state.y, grad)
-        if problem.prox_from is None:
-            z = problem.prox(forward, step_size)
+        if problem.prox_warm is None:
+            z, warm = problem.prox(forward, step_size), None
         else:
-            z = problem.prox_from(forward, step_size, state.x)
+            z, warm = problem.prox_warm(forward, step_size, state.warm)
         diff_yz = jax.tree_util.tree_map(jnp.subtract, state.y, z)
         if problem.norm is None:
             max_abs = lambda a, axis=None: jnp.max(jnp.abs(a), axis=axis)  # noqa: E731
@@ -202,6 +209,7 @@ class FISTA:
         # Freeze problems that had already converged.
         keep = state.done
         new_x = _select(keep, state.x, z, rows)
+        new_warm = None if warm is None else _select(keep, state.warm, warm, rows)
         new_y = _select(keep, state.y, y_next, rows)
         new_t = jnp.where(keep, state.t, t_next)
         new_res = jnp.where(keep, state.residual, residual)
@@ -214,6 +222,7 @@ class FISTA:
             done=done,
             step=state.step + 1,
             nonfinite=state.nonfinite | ~finite,
+            warm=new_warm,
         )
 
     def run(self, problem: Composite, x0: PyTree, lipschitz) -> tuple[PyTree, SolveInfo]:

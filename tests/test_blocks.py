@@ -520,6 +520,63 @@ def test_result_codes():
     np.testing.assert_array_equal(x, jnp.ones(3))  # the start point is kept
 
 
+def test_warm_prox_data_is_carried_per_row_and_held_once_a_row_has_converged():
+    """`Composite.prox_warm`: the solver passes each call the data the previous call returned, and freezes a row's
+    data with its iterate. Rows x_r → c_r with curvatures 1, 4, 9 converge after different numbers of steps; a prox
+    that counts its calls per row must end, for each row, at the number of updates it took part in, read off the
+    done flags (a carry not held at convergence would count every update for every row). The iterates are those of
+    the same prox without the carry."""
+    a, c = jnp.array([1.0, 4.0, 9.0]), jnp.array([0.5, -1.0, 2.0])
+    plain = Composite(smooth=lambda x: 0.5 * a * (x[:, 0] - c) ** 2, prox=lambda z, s: z,
+                      nonsmooth=lambda x: jnp.zeros(3))
+    counting = plain._replace(prox_warm=lambda z, s, w: (z, w + 1), warm_start=lambda x: jnp.zeros(3, jnp.int32))
+    solver = FISTA(tol=1e-6, max_steps=400, row_separable=True, restart=False)
+    x0 = jnp.zeros((3, 1))
+    state, state_plain, was_done = solver.init(counting, x0, 9.0), solver.init(plain, x0, 9.0), []
+    for _ in range(400):
+        was_done.append(np.asarray(state.done))
+        state, state_plain = solver.update(counting, state, 9.0), solver.update(plain, state_plain, 9.0)
+    active_updates = (~np.array(was_done)).sum(axis=0)
+    assert len(set(active_updates.tolist())) == 3 and active_updates.max() < 400  # rows stop at different steps
+    np.testing.assert_array_equal(np.asarray(state.warm), active_updates)
+    np.testing.assert_array_equal(np.asarray(state.x), np.asarray(state_plain.x))
+    with pytest.raises(ValueError, match="prox_warm"):
+        solver.init(plain._replace(prox_warm=counting.prox_warm), x0, 9.0)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh"])
+def test_x_block_iterations_carry_the_prox_root_instead_of_taking_a_log(act):
+    """The sigmoid and tanh X blocks' FISTA loop carries each element's root t (v = φ(t)) to the next prox call.
+    Recovering it from the iterate, φ⁻¹(v), is a log per element and call: the most expensive elementwise pass of
+    the iteration on XLA:CPU. The compiled loop body (nested root loop included) must contain no log."""
+    pen = get_penalty(act)
+    layer, u_prev, x_next, x0 = x_hidden_problem(act, 1)
+    jaxpr = jax.make_jaxpr(lambda x: blocks.solve_x_hidden(pen, x, u_prev, Dense(N_OUT), layer, x_next, 0.8, 1.7,
+                                                           TIGHT))(x0)
+
+    def equations(jxpr):  # every equation, nested ones (loop bodies, calls) included
+        for eqn in jxpr.eqns:
+            yield eqn
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from equations(sub)
+
+    def array_ops(jxpr):  # primitives applied to arrays (not to constants such as log 2 in log cosh)
+        return {e.primitive.name for e in equations(jxpr) if any(getattr(v.aval, "shape", ()) for v in e.outvars)}
+
+    def holds_a_loop(eqn):  # the FISTA loop holds the root finder's loop
+        return "while" in {q.primitive.name for q in equations(eqn.params["body_jaxpr"].jaxpr)}
+
+    loops = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "while" and holds_a_loop(e)]
+    assert loops, "no FISTA loop found"
+    for loop in loops:
+        body = array_ops(loop.params["body_jaxpr"].jaxpr)
+        assert "tanh" in body and "log" not in body, sorted(body)
+    assert "log" in array_ops(jaxpr.jaxpr)  # the start point's φ⁻¹ and the final objective are outside the loop
+
+
 def test_solver_rejects_bad_settings():
     with pytest.raises(ValueError, match="tol"):
         FISTA(tol=0.0)

@@ -249,6 +249,29 @@ def test_prox_of_G_does_not_depend_on_its_start_point(act):
         np.testing.assert_allclose(got, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("act", ["sigmoid", "tanh"])
+def test_warm_prox_of_G_returns_the_prox_and_its_root_from_any_start(act):
+    """prox_G_warm(z, s, t) = (v, t′): v is the brentq prox for any start t (far on either side, at the root), and
+    t′ is the root, v = φ(t′) and s·t′ + φ(t′) = z; prox_G_start(v) = φ⁻¹(v) (float64). FISTA carries t′ to its next
+    call, so a t′ that is not the root (the start, or the previous call's) would make every later call slower."""
+    from scipy.optimize import brentq
+
+    phi = (lambda t: 0.5 * (1 + np.tanh(t / 2))) if act == "sigmoid" else np.tanh
+    inverse = (lambda v: np.log(v / (1 - v))) if act == "sigmoid" else np.arctanh
+    pen = get_penalty(act)
+    rng = np.random.default_rng(4)
+    z = rng.uniform(-3, 3, 300)
+    s = rng.choice([1e-3, 0.05, 0.5, 5.0], 300)
+    roots = np.array([brentq(lambda t: ss * t + phi(t) - zz, (zz - 1) / ss - 1, (zz + 1) / ss + 1, xtol=1e-14)
+                      for zz, ss in zip(z, s)])
+    for start in (np.full_like(z, -40.0), np.full_like(z, 40.0), rng.normal(0, 3, z.shape), roots):
+        v, t = pen.prox_G_warm(jnp.asarray(z), jnp.asarray(s), jnp.asarray(start))
+        np.testing.assert_allclose(np.asarray(v), phi(roots), atol=1e-10)
+        np.testing.assert_allclose(np.asarray(t), roots, rtol=1e-8, atol=1e-8)
+    v = rng.uniform(0.01, 0.99, 50) if act == "sigmoid" else rng.uniform(-0.99, 0.99, 50)
+    np.testing.assert_allclose(np.asarray(pen.prox_G_start(jnp.asarray(v))), inverse(v), rtol=1e-12)
+
+
 def test_root_finder_started_near_the_root_stops_in_a_few_iterations():
     """From the root: the unrolled steps only; from far away on either side: the root all the same, after more
     iterations.
