@@ -20,6 +20,9 @@ compile time (first call minus median) is reported separately. Sections (`--sect
   devices  the data-parallel minibatch step and full-batch sweep (`fenchel.sharding`) on 1, 2, 4 and 8
            forced host devices (each count in a subprocess with XLA_FLAGS set), as overhead ratios.
   memory   peak host RSS of this process, and device peak memory where the backend reports it.
+--x-steps/--w-steps set the lifted trainers' iterations per X/W block (x_max_steps, w_max_steps; default: the
+configs', 10 and 3) in the epoch and activations sections, e.g. 3 and 2 for the settings of
+configs/mnist_mlp_momentum_fast.py and configs/mnist_lenet5_momentum_fast.py.
 On a GPU the epoch section adds the achieved FLOP/s of the full-batch sweep (an estimate from the GEMMs at
 full iteration budgets) against a measured float32 matmul peak.
 """
@@ -72,6 +75,12 @@ def growth_exponent(sizes, seconds) -> float:
     return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0])
 
 
+def _lifted_iterations(args) -> dict:
+    """The lifted trainers' iteration overrides (--x-steps, --w-steps), as config fields."""
+    fields = {"x_max_steps": args.x_steps, "w_max_steps": args.w_steps}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def _job(layers: str, trainer: str, train_size: int = 0, **fields):
     base = mnist_lenet5.get_config() if layers == ARCHITECTURES["lenet5"] else mnist_mlp.get_config()
     base.update(dict(layers=layers, trainer=trainer, progress=False, train_size=train_size, test_size=100, **fields))
@@ -108,7 +117,7 @@ def section_epoch(args, out: dict) -> None:
     rows = {}
     for name, layers in ARCHITECTURES.items():
         conv = name == "lenet5"
-        lifted, adam = _job(layers, "fenchel"), _job(layers, "adam")
+        lifted, adam = _job(layers, "fenchel", **_lifted_iterations(args)), _job(layers, "adam")
         x, y = lifted.x_train, lifted.y_train
         steps = lifted.steps_per_epoch
         row = {"steps_per_epoch": steps}
@@ -275,7 +284,8 @@ def machine() -> dict:
 
 def section_activations(args, out: dict) -> None:
     """Whole lifted and Adam epochs per activation; the epochs of all jobs interleave, so machine noise hits all."""
-    jobs = {(trainer, act): _job(ARCHITECTURES["784-300-10"], trainer, args.activation_samples, activation=act)
+    jobs = {(trainer, act): _job(ARCHITECTURES["784-300-10"], trainer, args.activation_samples, activation=act,
+                                 **(_lifted_iterations(args) if trainer == "fenchel" else {}))
             for act in ACTIVATIONS for trainer in ("fenchel", "adam")}
     states = {}
     for key, job in jobs.items():  # warm-up (compilation) epoch
@@ -372,6 +382,8 @@ def main(argv=None):
     p.add_argument("--width-samples", type=int, default=None, help="samples of the width curve (GPU 60000, CPU 10000)")
     p.add_argument("--devices", default="1,2,4,8", help="forced host device counts of the devices section")
     p.add_argument("--device-samples", type=int, default=8000, help="full-batch size of the devices section")
+    p.add_argument("--x-steps", type=int, default=None, help="lifted x_max_steps (default: the config's)")
+    p.add_argument("--w-steps", type=int, default=None, help="lifted w_max_steps (default: the config's)")
     p.add_argument("--child-devices", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.reps = args.reps or (3 if args.quick else 5)
@@ -386,7 +398,7 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
-    out = {"machine": machine()}
+    out = {"machine": machine(), "lifted_iterations": _lifted_iterations(args)}
     for name in SECTIONS:
         if name in sections:
             print(f"[{name}]", flush=True)

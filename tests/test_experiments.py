@@ -1,5 +1,6 @@
 """Experiment system: configs, the trainer registry, the launcher end to end, resume, integrity, sweeps."""
 
+import argparse
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from experiments.configs_util import load_config
 from experiments.sweep import plan, run_sweep
 from experiments.train import Job, TrainingDiverged, train_and_evaluate, validate_config
 from experiments.workdir import Workdir, WorkdirBusy, WorkdirError
-from fenchel import StepInfo, Trainer
+from fenchel import LiftedConfig, StepInfo, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [c for c in sorted((ROOT / "configs").glob("*.py")) if c.name != "__init__.py"]
@@ -529,6 +530,19 @@ def test_bench_mnist_epochs_exclude_compilation(trainer, monkeypatch):
         jax.monitoring.unregister_event_duration_listener(on_event)
     assert len(seconds) == 2 and set(accs) == {1, 2}
     assert compiles == [], f"{len(compiles)} compilations inside the timed epochs"
+
+
+def test_bench_iteration_flags_reach_the_lifted_trainers_only():
+    """`experiments.bench --x-steps 3 --w-steps 2` benchmarks lifted trainers with those budgets (the fast configs'
+    settings); without the flags the configs' own budgets stand. A flag dropped on the way would time the default."""
+    from experiments import bench
+
+    flags = argparse.Namespace(x_steps=3, w_steps=2)
+    job = bench._job(bench.ARCHITECTURES["784-300-10"], "fenchel", 200, **bench._lifted_iterations(flags))
+    assert (job.trainer.config.x_max_steps, job.trainer.config.w_max_steps) == (3, 2)
+    assert bench._lifted_iterations(argparse.Namespace(x_steps=None, w_steps=None)) == {}
+    default = bench._job(bench.ARCHITECTURES["784-300-10"], "fenchel", 200).trainer.config
+    assert (default.x_max_steps, default.w_max_steps) == (LiftedConfig().x_max_steps, LiftedConfig().w_max_steps)
 
 
 def test_signal_decay_reports_each_layers_move_and_a_weaker_lower_lambda_moves_x1_further():
