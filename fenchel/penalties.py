@@ -95,8 +95,9 @@ ROOT_MAX_ITERS = 60
 UNROLLED_ROOT_STEPS = 2  # Newton steps before the loop (`_sigmoidal_root`)
 
 
-def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, with_iters: bool = False):
-    """Root of fn(t) = s·t + φ(t) − z (s ≥ 0) on the bracket [lo, hi] by Newton's method on one half-line, from t0.
+def _sigmoidal_root(fn_and_slope, bracket, t0, max_iters: int = ROOT_MAX_ITERS, with_iters: bool = False):
+    """Root of fn(t) = s·t + φ(t) − z (s ≥ 0) on the bracket [lo, hi] = bracket() by Newton's method on one
+    half-line, from t0.
 
     fn_and_slope(t) = (fn(t), fn'(t)), fn' > 0. φ is sigmoidal: convex on t < 0 and concave on t > 0 (σ, tanh).
     The sign of fn(0) says on which side of 0 the root lies, and every iterate is clipped to that side's part of
@@ -112,14 +113,21 @@ def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, w
     the sigmoid and tanh lifted epochs from 1.60–1.77× to 1.37–1.61× a ReLU one (README, "Sigmoid and tanh speed").
     The loop carries only t: no per-element bracket or flags, so an iteration is one elementwise pass and one
     reduction. Elementwise, so it vectorises and jits. with_iters: also return the steps taken.
+
+    bracket is a function, called inside every step: XLA then fuses the bracket's few products into each step's
+    kernel instead of writing lo and hi out as two arrays per call, which took 11–17% off a sigmoid or tanh X
+    step on the 2-core CPU (one process, alternating; the iterates did not change).
     """
-    rtol = jnp.sqrt(jnp.finfo(jnp.result_type(lo)).eps)
-    root_above_0 = fn_and_slope(jnp.zeros_like(t0))[0] < 0
-    lo = jnp.where(root_above_0, jnp.maximum(lo, 0.0), lo)
-    hi = jnp.where(root_above_0, hi, jnp.minimum(hi, 0.0))
+    rtol = jnp.sqrt(jnp.finfo(jnp.result_type(t0)).eps)
+
+    def half_line():  # the bracket's part on the root's side of 0
+        lo, hi = bracket()
+        root_above_0 = fn_and_slope(jnp.zeros_like(t0))[0] < 0
+        return jnp.where(root_above_0, jnp.maximum(lo, 0.0), lo), jnp.where(root_above_0, hi, jnp.minimum(hi, 0.0))
 
     def body(carry):
         i, t, _ = carry
+        lo, hi = half_line()
         f, slope = fn_and_slope(t)
         t_next = jnp.clip(t - f / slope, lo, hi)
         done = jnp.all(jnp.abs(t_next - t) <= rtol * (1.0 + jnp.abs(t_next)))
@@ -128,7 +136,7 @@ def _sigmoidal_root(fn_and_slope, lo, hi, t0, max_iters: int = ROOT_MAX_ITERS, w
     def cond(carry):
         return (carry[0] < max_iters) & ~carry[2]
 
-    carry = (jnp.zeros((), jnp.int32), jnp.clip(t0, lo, hi), jnp.zeros((), bool))
+    carry = (jnp.zeros((), jnp.int32), jnp.clip(t0, *half_line()), jnp.zeros((), bool))
     for _ in range(min(UNROLLED_ROOT_STEPS, max_iters)):  # straight-line: fused with the caller's elementwise work
         carry = body(carry)
     iters, t, _ = jax.lax.while_loop(cond, body, carry)
@@ -249,8 +257,11 @@ def _bounded_prox_root(z, s, t0, phi_and_slope, lower: float, upper: float):
         return s_safe * t + phi - z, s_safe + slope
 
     shape = jnp.broadcast_shapes(jnp.shape(z), jnp.shape(s))
-    lo, hi = jnp.broadcast_to((z - upper) * inv_s, shape), jnp.broadcast_to((z - lower) * inv_s, shape)
-    t = _sigmoidal_root(fn_and_slope, lo, hi, jnp.broadcast_to(t0, shape))
+
+    def bracket():
+        return jnp.broadcast_to((z - upper) * inv_s, shape), jnp.broadcast_to((z - lower) * inv_s, shape)
+
+    t = _sigmoidal_root(fn_and_slope, bracket, jnp.broadcast_to(t0, shape))
     return jnp.where(s > 0, phi_and_slope(t)[0], jnp.clip(z, lower, upper)), t
 
 

@@ -304,15 +304,17 @@ def test_root_finder_started_near_the_root_stops_in_a_few_iterations():
     def fn_and_slope(t):
         return 0.1 * t + jnp.tanh(t) - z, 0.1 + 1.0 - jnp.tanh(t) ** 2
 
-    lo, hi = jnp.full(5, (z - 1) / 0.1), jnp.full(5, (z + 1) / 0.1)
-    root, iters = _sigmoidal_root(fn_and_slope, lo, hi, jnp.ones(5), max_iters=50, with_iters=True)
+    def bracket():
+        return jnp.full(5, (z - 1) / 0.1), jnp.full(5, (z + 1) / 0.1)
+
+    root, iters = _sigmoidal_root(fn_and_slope, bracket, jnp.ones(5), max_iters=50, with_iters=True)
     np.testing.assert_allclose(np.asarray(root), 1.0, atol=1e-12)
     assert int(iters) == UNROLLED_ROOT_STEPS  # the straight-line steps only: the loop stops at once
-    near, iters_near = _sigmoidal_root(fn_and_slope, lo, hi, jnp.full(5, 1.001), max_iters=50, with_iters=True)
+    near, iters_near = _sigmoidal_root(fn_and_slope, bracket, jnp.full(5, 1.001), max_iters=50, with_iters=True)
     np.testing.assert_allclose(np.asarray(near), 1.0, atol=1e-12)
     assert int(iters_near) <= 4
     for start in (-9.0, 30.0):
-        far, iters_far = _sigmoidal_root(fn_and_slope, lo, hi, jnp.full(5, start), max_iters=50, with_iters=True)
+        far, iters_far = _sigmoidal_root(fn_and_slope, bracket, jnp.full(5, start), max_iters=50, with_iters=True)
         np.testing.assert_allclose(np.asarray(far), 1.0, atol=1e-12)
         assert int(iters_near) < int(iters_far) < 50
 
