@@ -75,7 +75,7 @@ def growth_exponent(sizes, seconds) -> float:
     return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0])
 
 
-def _lifted_iterations(args) -> dict:
+def lifted_iterations(args) -> dict:
     """The lifted trainers' iteration overrides (--x-steps, --w-steps), as config fields."""
     fields = {"x_max_steps": args.x_steps, "w_max_steps": args.w_steps}
     return {key: value for key, value in fields.items() if value is not None}
@@ -117,7 +117,7 @@ def section_epoch(args, out: dict) -> None:
     rows = {}
     for name, layers in ARCHITECTURES.items():
         conv = name == "lenet5"
-        lifted, adam = _job(layers, "fenchel", **_lifted_iterations(args)), _job(layers, "adam")
+        lifted, adam = _job(layers, "fenchel", **lifted_iterations(args)), _job(layers, "adam")
         x, y = lifted.x_train, lifted.y_train
         steps = lifted.steps_per_epoch
         row = {"steps_per_epoch": steps}
@@ -285,7 +285,7 @@ def machine() -> dict:
 def section_activations(args, out: dict) -> None:
     """Whole lifted and Adam epochs per activation; the epochs of all jobs interleave, so machine noise hits all."""
     jobs = {(trainer, act): _job(ARCHITECTURES["784-300-10"], trainer, args.activation_samples, activation=act,
-                                 **(_lifted_iterations(args) if trainer == "fenchel" else {}))
+                                 **(lifted_iterations(args) if trainer == "fenchel" else {}))
             for act in ACTIVATIONS for trainer in ("fenchel", "adam")}
     states = {}
     for key, job in jobs.items():  # warm-up (compilation) epoch
@@ -398,7 +398,7 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
-    out = {"machine": machine(), "lifted_iterations": _lifted_iterations(args)}
+    out = {"machine": machine(), "lifted_iterations": lifted_iterations(args)}
     for name in SECTIONS:
         if name in sections:
             print(f"[{name}]", flush=True)

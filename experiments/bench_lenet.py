@@ -18,6 +18,7 @@ import argparse
 import jax
 
 from configs import mnist_lenet5
+from experiments.bench import lifted_iterations
 from experiments.bench_blocks import median_ms
 from experiments.train import Job
 from fenchel import LiftedTrainer, SolverConfig, blocks
@@ -32,9 +33,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     config = mnist_lenet5.get_config()
     config.update(dict(batch_size=args.batch_size, train_size=args.batch_size * 10, test_size=100, progress=False))
-    for key, value in (("x_max_steps", args.x_steps), ("w_max_steps", args.w_steps)):
-        if value is not None:
-            config[key] = value
+    config.update(lifted_iterations(args))
     job = Job(config)
     tr: LiftedTrainer = job.trainer
     x, y, params = job.x_train[:args.batch_size], job.y_train[:args.batch_size], job.params0

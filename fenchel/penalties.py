@@ -143,6 +143,18 @@ def _sigmoidal_root(fn_and_slope, bracket, t0, max_iters: int = ROOT_MAX_ITERS, 
     return (t, iters) if with_iters else t
 
 
+# ---------------------------------------------------------------- shared by sigmoid and tanh
+def _with_derivative(f, df):
+    """f with the derivative df: autodiff of a block's smooth part then evaluates φ = F' directly.
+
+    Differentiating softplus or log cosh through their stable forms costs two or three transcendental passes per
+    element (exp, log1p, exp); φ costs one tanh. The W blocks' fit term F(U) − c·U·X is differentiated every iteration.
+    """
+    g = jax.custom_jvp(f)
+    g.defjvp(lambda primals, tangents: (f(primals[0]), df(primals[0]) * tangents[0]))
+    return g
+
+
 # ---------------------------------------------------------------- relu
 def _relu_prox(z, s, guess=None):  # closed form: guess unused
     # argmin_{v ≥ 0} s·v²/2 + (v − z)²/2
@@ -204,17 +216,6 @@ def leaky_relu_penalty(negative_slope: float = 0.01) -> Penalty:
 
 
 # ---------------------------------------------------------------- sigmoid
-def _with_derivative(f, df):
-    """f with the derivative df: autodiff of a block's smooth part then evaluates φ = F' directly.
-
-    Differentiating softplus or log cosh through their stable forms costs two or three transcendental passes per
-    element (exp, log1p, exp); φ costs one tanh. The W blocks' fit term F(U) − c·U·X is differentiated every iteration.
-    """
-    g = jax.custom_jvp(f)
-    g.defjvp(lambda primals, tangents: (f(primals[0]), df(primals[0]) * tangents[0]))
-    return g
-
-
 def _bernoulli_negentropy(v):
     return xlogy(v, v) + xlogy(1.0 - v, 1.0 - v)
 

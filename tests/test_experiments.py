@@ -538,9 +538,9 @@ def test_bench_iteration_flags_reach_the_lifted_trainers_only():
     from experiments import bench
 
     flags = argparse.Namespace(x_steps=3, w_steps=2)
-    job = bench._job(bench.ARCHITECTURES["784-300-10"], "fenchel", 200, **bench._lifted_iterations(flags))
+    job = bench._job(bench.ARCHITECTURES["784-300-10"], "fenchel", 200, **bench.lifted_iterations(flags))
     assert (job.trainer.config.x_max_steps, job.trainer.config.w_max_steps) == (3, 2)
-    assert bench._lifted_iterations(argparse.Namespace(x_steps=None, w_steps=None)) == {}
+    assert bench.lifted_iterations(argparse.Namespace(x_steps=None, w_steps=None)) == {}
     default = bench._job(bench.ARCHITECTURES["784-300-10"], "fenchel", 200).trainer.config
     assert (default.x_max_steps, default.w_max_steps) == (LiftedConfig().x_max_steps, LiftedConfig().w_max_steps)
 
