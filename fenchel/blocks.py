@@ -317,12 +317,21 @@ class _KernelRep:
                 "b": self.b0}
 
     def w_inner(self, p, q):
-        """⟨W_p, W_q⟩."""
+        """⟨W_p, W_q⟩ = a_p a_q‖W_0‖² + (a_p c_q + c_p a_q)⟨W_0, W_a⟩ + c_p c_q‖W_a‖² + a_p⟨XW_0, β_q⟩
+        + a_q⟨XW_0, β_p⟩ + c_p⟨XW_a, β_q⟩ + c_q⟨XW_a, β_p⟩ + ⟨β_p, Kβ_q⟩.
+
+        Every reduction is a plain inner product with the scalars applied outside it: on the CPU a scalar
+        inside a fused reduction is materialised as a full array first. For p = q (a norm) the repeated
+        products are computed once.
+        """
+        x_w0_q, x_wa_q = jnp.sum(self.x_w0 * q["beta"]), jnp.sum(self.x_wa * q["beta"])
+        if p is q:
+            x_w0_p, x_wa_p = x_w0_q, x_wa_q
+        else:
+            x_w0_p, x_wa_p = jnp.sum(self.x_w0 * p["beta"]), jnp.sum(self.x_wa * p["beta"])
         return (p["a"] * q["a"] * self.g00 + (p["a"] * q["c"] + p["c"] * q["a"]) * self.g0a
-                + p["c"] * q["c"] * self.gaa
-                + jnp.sum(self.x_w0 * (p["a"] * q["beta"] + q["a"] * p["beta"]))
-                + jnp.sum(self.x_wa * (p["c"] * q["beta"] + q["c"] * p["beta"]))
-                + jnp.sum(p["beta"] * q["kbeta"]))
+                + p["c"] * q["c"] * self.gaa + p["a"] * x_w0_q + q["a"] * x_w0_p + p["c"] * x_wa_q
+                + q["c"] * x_wa_p + jnp.sum(p["beta"] * q["kbeta"]))
 
     def inner(self, p, q):
         """⟨(W_p, b_p), (W_q, b_q)⟩."""
@@ -337,6 +346,14 @@ class _KernelRep:
         if block.anchor is not None:
             d = {**p, "c": p["c"] - 1.0, "b": p["b"] - self.ba}  # (W, b) − anchor
             val = val + block.rho_prox * self.inner(d, d)
+        return val
+
+    def start_objective(self, block: WBlock):
+        """The objective at the start (W_0, b_0), in closed form: fit(XW_0 + 1b_0ᵀ) + ρ‖W_0‖²
+        + ρ'(‖W_0‖² − 2⟨W_0, W_a⟩ + ‖W_a‖² + ‖b_0 − b_a‖²)."""
+        val = block.fit(self.x_w0 + self.b0) + block.rho * self.g00
+        if block.anchor is not None:
+            val = val + block.rho_prox * (self.g00 - 2.0 * self.g0a + self.gaa + _sq_norm(self.b0 - self.ba))
         return val
 
     def params(self, p) -> dict:
@@ -364,7 +381,7 @@ def solve_w_kernel(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo]:
     lip = jnp.maximum(cfg.lipschitz_margin * block.fit_curvature * op + mu, _MIN_LIPSCHITZ)
     problem = Composite(smooth=lambda p: rep.objective(block, p), prox=lambda z, s: z, nonsmooth=lambda z: 0.0,
                         grad=grad, inner=rep.inner, norm=lambda p: jnp.sqrt(jnp.maximum(rep.inner(p, p), 0.0)))
-    out, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep.start(), lip)
+    out, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep.start(), lip, rep.start_objective(block))
     return rep.params(out), info
 
 
@@ -406,7 +423,7 @@ def solve_w_kernel_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
 
     problem = Composite(smooth=lambda p: rep.objective(block, p), prox=lambda z, s: z, nonsmooth=lambda z: 0.0,
                         grad=precond_grad, inner=inner_p, norm=lambda p: jnp.sqrt(jnp.maximum(inner_p(p, p), 0.0)))
-    out, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep.start(), 1.0)
+    out, info = FISTA(cfg.tol, cfg.max_steps).run(problem, rep.start(), 1.0, rep.start_objective(block))
     return rep.params(out), info
 
 

@@ -225,8 +225,12 @@ class FISTA:
             warm=new_warm,
         )
 
-    def run(self, problem: Composite, x0: PyTree, lipschitz) -> tuple[PyTree, SolveInfo]:
-        """Minimise f + g from the feasible x0 with step 1/lipschitz."""
+    def run(self, problem: Composite, x0: PyTree, lipschitz, value0=None) -> tuple[PyTree, SolveInfo]:
+        """Minimise f + g from the feasible x0 with step 1/lipschitz.
+
+        value0: f + g at x0 (per row when row-separable), when the caller has it more cheaply than an
+        evaluation (e.g. in closed form); None evaluates it. The safeguard compares the result against it.
+        """
         lipschitz = jnp.asarray(lipschitz, _leaves(x0)[0].dtype)
         state = self.init(problem, x0, lipschitz)
 
@@ -234,7 +238,8 @@ class FISTA:
             return (s.step < self.max_steps) & ~jnp.all(s.done) & ~s.nonfinite
 
         state = jax.lax.while_loop(cond, lambda s: self.update(problem, s, lipschitz), state)
-        value0 = problem.smooth(x0) + problem.nonsmooth(x0)
+        if value0 is None:
+            value0 = problem.smooth(x0) + problem.nonsmooth(x0)
         value = problem.smooth(state.x) + problem.nonsmooth(state.x)
         better = jnp.isfinite(value) & (value <= value0)
         x = _select(better, state.x, x0, self.row_separable)

@@ -328,6 +328,55 @@ def test_w_out_block(loss, w_mode, anchored):
     assert float(info.value) == pytest.approx(fg(flat_params(p))[0], rel=1e-9)
 
 
+@pytest.mark.parametrize("anchor_is_start", [False, True])
+def test_kernel_representation_inner_products_and_objective_are_those_of_the_explicit_weights(anchor_is_start):
+    """The kernel forms hold W = a·W_0 + c·W_a + Xᵀβ with Kβ carried alongside. Their inner products, the
+    objective and its closed-form value at the start must equal the same quantities of the explicit weights
+    (numpy, float64), for two different points p ≠ q: a swapped cross term (a_p⟨XW_0, β_p⟩ for a_p⟨XW_0, β_q⟩)
+    or a dropped anchor term changes them."""
+    pen = get_penalty("relu")
+    n, n_in, rho, rho_prox, lam = 6, 8, 0.03, 0.2, 1.7
+    x_in, x_out = rand(91, (n, n_in)), np.abs(rand(92, (n, N_OUT)))
+    layer = layer_of(93, n_in, N_OUT)
+    anchor = layer if anchor_is_start else layer_of(95, n_in, N_OUT, 0.5, 0.4)
+
+    def fit(u):
+        return jnp.sum(lam * pen.smooth_u(u, jnp.asarray(x_out))) / n
+
+    block = blocks.WBlock(Dense(N_OUT), fit, lam / n * pen.curvature_u, layer, jnp.asarray(x_in), rho, anchor,
+                          rho_prox, anchor_is_start)
+    rep = blocks._KernelRep(block)
+
+    def point(seed):
+        beta = rand(seed, (n, N_OUT))
+        return {"a": jnp.asarray(rand(seed + 1, ())), "c": jnp.asarray(rand(seed + 2, ())), "beta": jnp.asarray(beta),
+                "kbeta": jnp.asarray(x_in @ x_in.T @ beta), "b": jnp.asarray(rand(seed + 3, (N_OUT,)))}
+
+    def explicit(p):
+        w = (float(p["a"]) * np.asarray(layer["kernel"]) + float(p["c"]) * np.asarray(anchor["kernel"])
+             + x_in.T @ np.asarray(p["beta"]))
+        return w, np.asarray(p["b"])
+
+    p, q = point(100), point(200)
+    (wp, bp), (wq, bq) = explicit(p), explicit(q)
+    np.testing.assert_allclose(rep.w_inner(p, q), np.sum(wp * wq), rtol=1e-12)
+    np.testing.assert_allclose(rep.inner(p, q), np.sum(wp * wq) + bp @ bq, rtol=1e-12)
+    np.testing.assert_allclose(rep.inner(p, p), np.sum(wp * wp) + bp @ bp, rtol=1e-12)
+    np.testing.assert_allclose(rep.preactivation(p), x_in @ wp + bp, rtol=1e-12)
+
+    def ref_objective(w, b):
+        u = x_in @ w + b
+        b_term = lam * np.sum(0.5 * np.maximum(u, 0.0) ** 2 - u * x_out) / n  # B up to terms free of W
+        return (b_term + rho * np.sum(w * w) + rho_prox * (np.sum((w - np.asarray(anchor["kernel"])) ** 2)
+                                                            + np.sum((b - np.asarray(anchor["bias"])) ** 2)))
+
+    np.testing.assert_allclose(rep.objective(block, p), ref_objective(wp, bp), rtol=1e-12)
+    start = rep.start()
+    w0, b0 = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+    np.testing.assert_allclose(rep.start_objective(block), ref_objective(w0, b0), rtol=1e-12)
+    np.testing.assert_allclose(rep.objective(block, start), ref_objective(w0, b0), rtol=1e-12)
+
+
 def test_w_hidden_block_with_zero_lambda_is_the_closed_form():
     """λ = 0 (LiftedConfig(lambdas=0.0, rho_prox=0.1)): min ρ‖W‖² + ρ'‖(W, b) − anchor‖² has the minimiser
     W = ρ'/(ρ + ρ')·W_a, b = b_a (set the gradient 2ρW + 2ρ'(W − W_a), 2ρ'(b − b_a) to zero). The MM form's
