@@ -36,7 +36,7 @@ import optax
 
 from fenchel.lifted import loss_curvature, loss_per_sample, preactivation
 from fenchel.penalties import Penalty
-from fenchel.solvers import FISTA, Composite, SolveInfo, cholesky_inverse, gram_majoriser, power_iteration
+from fenchel.solvers import FISTA, Composite, SolveInfo, cholesky_inverse, gram_majoriser, power_iteration, row_sums
 
 X_MODES = ("batched", "vmap")
 _MIN_LIPSCHITZ = 1e-8
@@ -69,10 +69,6 @@ class SolverConfig:
             raise ValueError(f"power_iters must be ≥ 1, got {self.power_iters}")
         if not self.lipschitz_margin >= 1.0:
             raise ValueError(f"lipschitz_margin must be ≥ 1, got {self.lipschitz_margin}")
-
-
-def _row_sum(a: jax.Array) -> jax.Array:
-    return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
 
 
 def _largest(lam):
@@ -149,11 +145,11 @@ def _x_problem(penalty: Penalty, lam_prev, downstream: Callable) -> Callable:
     def problem(rows):
         u_p, extra = rows
         return Composite(
-            smooth=lambda z: downstream(z, extra) - c * _row_sum(lam_prev * u_p * z),
+            smooth=lambda z: downstream(z, extra) - c * row_sums(lam_prev * u_p * z),
             prox=lambda z, s: penalty.prox_G(z, s * lam_prev),
             prox_warm=None if warm is None else lambda z, s, t: warm(z, s * lam_prev, t),
             warm_start=None if warm is None else penalty.prox_G_start,
-            nonsmooth=lambda z: _row_sum(lam_prev * penalty.G(z)),
+            nonsmooth=lambda z: row_sums(lam_prev * penalty.G(z)),
         )
 
     return problem
@@ -202,7 +198,7 @@ def solve_x_hidden(
     """
 
     def downstream(z, x_n):
-        return _row_sum(lam_next * penalty.smooth_u(preactivation(next_spec, next_layer, z), x_n))
+        return row_sums(lam_next * penalty.smooth_u(preactivation(next_spec, next_layer, z), x_n))
 
     op = input_operator_norm_sq(next_spec, next_layer["kernel"], x.shape[1:], cfg.power_iters)
     lip = jnp.maximum(cfg.lipschitz_margin * _largest(lam_next) * penalty.curvature_u * op, _MIN_LIPSCHITZ)
@@ -505,7 +501,7 @@ def solve_w_hidden(
     n = x_in.shape[0]
 
     def fit(u):
-        return jnp.sum(lam * penalty.smooth_u(u, x_out)) / n
+        return jnp.sum(row_sums(lam * penalty.smooth_u(u, x_out))) / n
 
     block = WBlock(spec, fit, _largest(lam) / n * penalty.curvature_u, layer, x_in, rho, anchor, rho_prox,
                    anchor_is_start)

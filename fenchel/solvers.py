@@ -95,6 +95,26 @@ def _leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
+@jax.custom_jvp
+def row_sums(a: jax.Array) -> jax.Array:
+    """Σ_j a[i, j…] for each leading index i, computed as the matrix–vector product A·1.
+
+    The block objectives sum penalties and losses with it. On XLA:CPU a sum whose operand is an elementwise
+    expression with constants in it (λ·(½relu(u)² − u·x)) becomes a YNNPACK reduction that first writes every
+    constant out as a full array: 0.94 ms against 0.12 ms as this product, for a 100 × 28 × 28 × 6 array on two
+    cores. (A plain product's sum, like FISTA's restart test, is fast either way and stays a reduction.) The
+    derivative is that of the sum, a broadcast, so a gradient through it costs no product.
+    """
+    m = a.reshape(a.shape[0], -1)
+    return jnp.matmul(m, jnp.ones((m.shape[1],), a.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+@row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+    (a,), (t,) = primals, tangents
+    return row_sums(a), jnp.sum(t.reshape(t.shape[0], -1), axis=1)
+
+
 def _reduce(tree, fn_leaf, combine, rows: bool):
     """Reduce each leaf over all axes (or all but the leading one), then combine."""
     parts = []

@@ -18,7 +18,7 @@ from fenchel import blocks
 from fenchel.blocks import SolverConfig
 from fenchel.layers import Dense
 from fenchel.penalties import ACTIVATIONS, get_penalty
-from fenchel.solvers import FISTA, Composite, Result
+from fenchel.solvers import FISTA, Composite, Result, row_sums
 
 TIGHT = SolverConfig(tol=1e-9, max_steps=20000)
 DEFAULT_POWER_ITERS = SolverConfig(tol=1.0, max_steps=1).power_iters
@@ -326,6 +326,18 @@ def test_w_out_block(loss, w_mode, anchored):
     fg = w_objective(x_in, N_OUT, out_fit(loss, y), rho, anchor, rho_prox)
     check_w_optimal(p, fg, bias_shift_free=loss == "softmax" and not anchored)
     assert float(info.value) == pytest.approx(fg(flat_params(p))[0], rel=1e-9)
+
+
+def test_row_sums_and_their_derivatives_are_those_of_the_plain_sum():
+    """`solvers.row_sums` sums each row as a product with ones; its value, gradient (every entry of row i gets
+    the cotangent w_i), forward derivative and vmapped value must be those of the sum (numpy)."""
+    a, t, w = rand(301, (4, 3, 5)), rand(302, (4, 3, 5)), rand(303, (4,))
+    np.testing.assert_allclose(row_sums(jnp.asarray(a)), a.reshape(4, -1).sum(axis=1), rtol=1e-13)
+    grad = jax.grad(lambda v: jnp.sum(jnp.asarray(w) * row_sums(v)))(jnp.asarray(a))
+    np.testing.assert_allclose(grad, np.broadcast_to(w[:, None, None], a.shape), rtol=1e-13)
+    _, tangent = jax.jvp(row_sums, (jnp.asarray(a),), (jnp.asarray(t),))
+    np.testing.assert_allclose(tangent, t.reshape(4, -1).sum(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(jax.vmap(row_sums)(jnp.asarray(a)), a.sum(axis=2), rtol=1e-13)
 
 
 @pytest.mark.parametrize("anchor_is_start", [False, True])
