@@ -70,6 +70,30 @@ def timed(fn, *args, reps: int = 5) -> dict:
     return {"median_s": median, "compile_s": max(first - median, 0.0), "reps": reps}
 
 
+def timed_alternating(calls: dict, reps: int = 5) -> dict:
+    """`timed` for several {label: (fn, args)} at once, their calls alternating (one of each per round).
+
+    On a shared or noisy machine whose speed drifts over minutes, alternating keeps the ratio of two medians
+    to what one moment's machine gives, where timing one function after the other does not.
+    """
+    first = {}
+    for label, (fn, args) in calls.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        first[label] = time.perf_counter() - t
+    times = {label: [] for label in calls}
+    for _ in range(reps):
+        for label, (fn, args) in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[label].append(time.perf_counter() - t)
+    out = {}
+    for label, ts in times.items():
+        median = statistics.median(ts)
+        out[label] = {"median_s": median, "compile_s": max(first[label] - median, 0.0), "reps": reps}
+    return out
+
+
 def growth_exponent(sizes, seconds) -> float:
     """Slope of log(seconds) against log(size) by least squares: time ∝ size^exponent."""
     return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0])
@@ -87,11 +111,19 @@ def _job(layers: str, trainer: str, train_size: int = 0, **fields):
     return Job(base)
 
 
-def _epoch_seconds(job, reps: int) -> list:
-    state = job.trainer.init(job.params0)
-    loop.run_epoch(job.trainer, state, job.x_train, job.y_train, seed=0, epoch=0, batch_size=100)  # warm-up
-    return [loop.run_epoch(job.trainer, state, job.x_train, job.y_train, seed=0, epoch=e + 1,
-                           batch_size=100)[1].seconds for e in range(reps)]
+def _epoch_seconds(jobs: dict, reps: int) -> dict:
+    """{label: [seconds of each timed epoch]}: one warm-up epoch per job, then `reps` rounds of one epoch of each
+    job in turn (alternating, as in `timed_alternating`)."""
+    states = {label: job.trainer.init(job.params0) for label, job in jobs.items()}
+    for label, job in jobs.items():  # warm-up: compiles the step
+        loop.run_epoch(job.trainer, states[label], job.x_train, job.y_train, seed=0, epoch=0, batch_size=100)
+    seconds = {label: [] for label in jobs}
+    for e in range(reps):
+        for label, job in jobs.items():
+            result = loop.run_epoch(job.trainer, states[label], job.x_train, job.y_train, seed=0, epoch=e + 1,
+                                    batch_size=100)[1]
+            seconds[label].append(result.seconds)
+    return seconds
 
 
 def _sweep_gemm_flops(layers, n: int, in_dim: int, config: LiftedConfig) -> float:
@@ -121,12 +153,15 @@ def section_epoch(args, out: dict) -> None:
         x, y = lifted.x_train, lifted.y_train
         steps = lifted.steps_per_epoch
         row = {"steps_per_epoch": steps}
-        for label, job in (("lifted", lifted), ("adam", adam)):
-            state = job.trainer.init(job.params0)
-            row[f"{label}_step"] = timed(job.trainer.step, state, x[:100], y[:100], reps=args.reps)
-            row[f"{label}_epoch_from_steps_s"] = row[f"{label}_step"]["median_s"] * steps
-            if not conv and not args.quick:
-                row[f"{label}_epoch_s"] = statistics.median(_epoch_seconds(job, args.epoch_reps))
+        jobs = {"lifted": lifted, "adam": adam}
+        calls = {label: (job.trainer.step, (job.trainer.init(job.params0), x[:100], y[:100]))
+                 for label, job in jobs.items()}
+        for label, t in timed_alternating(calls, reps=args.reps).items():
+            row[f"{label}_step"] = t
+            row[f"{label}_epoch_from_steps_s"] = t["median_s"] * steps
+        if not conv and not args.quick:
+            for label, seconds in _epoch_seconds(jobs, args.epoch_reps).items():
+                row[f"{label}_epoch_s"] = statistics.median(seconds)
         n_sweep = min(args.lenet_sweep_samples if conv else args.sweep_samples, x.shape[0])
         tr: LiftedTrainer = lifted.trainer
         x0, y0 = x[:n_sweep], y[:n_sweep]

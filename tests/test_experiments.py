@@ -545,6 +545,26 @@ def test_bench_iteration_flags_reach_the_lifted_trainers_only():
     assert (default.x_max_steps, default.w_max_steps) == (LiftedConfig().x_max_steps, LiftedConfig().w_max_steps)
 
 
+def test_bench_alternates_the_timed_calls_and_reports_each_ones_median():
+    """`bench.timed_alternating` warms each call up once, then calls them in turn, so that the lifted and Adam
+    steps of one epoch row see the same machine; each label's median is over its own calls only."""
+    from experiments import bench
+
+    order, clock = [], {"a": iter([0.0] + [0.01, 0.03, 0.02]), "b": iter([0.0] + [0.2, 0.1, 0.3])}
+
+    def call(label):
+        def fn():
+            order.append(label)
+            time.sleep(next(clock[label]))
+            return jnp.zeros(())
+        return fn
+
+    out = bench.timed_alternating({"a": (call("a"), ()), "b": (call("b"), ())}, reps=3)
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert out["a"]["reps"] == out["b"]["reps"] == 3
+    assert 0.015 < out["a"]["median_s"] < 0.05 and 0.15 < out["b"]["median_s"] < 0.4
+
+
 def test_signal_decay_reports_each_layers_move_and_a_weaker_lower_lambda_moves_x1_further():
     """experiments.signal_decay on the tiny config: one X move per hidden layer, one W move per layer, all finite and
     positive; and since X_1's block is λ_0 B(U_0, X_1) + λ_1 B(A X_1 + b, X_2), whose λ_0 term is minimised at the
