@@ -8,7 +8,8 @@ compile time (first call minus median) is reported separately. Sections (`--sect
 
   epoch    one Adam epoch, one lifted minibatch epoch (batch 100) and one full-batch lifted sweep, for MNIST
            784-300-10, 784-300-100-10 and LeNet-5, in one run; MLP epochs are run whole through the shared
-           epoch loop, LeNet-5's are median step × steps per epoch. JSON: `lifted_over_adam_epoch`
+           epoch loop, LeNet-5's are median step × steps per epoch; the lifted and Adam calls (steps, and the
+           MLPs' epochs) alternate, so both see the same machine. JSON: `lifted_over_adam_epoch`
            (784-300-10, whole epochs) and the per-architecture ratios.
   activations  whole epochs (784-300-10, `--activation-samples` images) of lifted and Adam training with each
            activation, in one run, as ratios to the ReLU lifted epoch (JSON: `activations`).
