@@ -59,16 +59,7 @@ SECTIONS = ("epoch", "activations", "blocks", "layers", "curves", "devices", "me
 
 def timed(fn, *args, reps: int = 5) -> dict:
     """{"median_s", "compile_s", "reps"}: median wall time of fn(*args) after one warm-up call."""
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    return {"median_s": median, "compile_s": max(first - median, 0.0), "reps": reps}
+    return timed_alternating({"": (fn, args)}, reps)[""]
 
 
 def timed_alternating(calls: dict, reps: int = 5) -> dict:
@@ -323,15 +314,7 @@ def section_activations(args, out: dict) -> None:
     jobs = {(trainer, act): _job(ARCHITECTURES["784-300-10"], trainer, args.activation_samples, activation=act,
                                  **(lifted_iterations(args) if trainer == "fenchel" else {}))
             for act in ACTIVATIONS for trainer in ("fenchel", "adam")}
-    states = {}
-    for key, job in jobs.items():  # warm-up (compilation) epoch
-        states[key] = job.trainer.init(job.params0)
-        loop.run_epoch(job.trainer, states[key], job.x_train, job.y_train, seed=0, epoch=0, batch_size=100)
-    seconds = {key: [] for key in jobs}
-    for e in range(args.epoch_reps):
-        for key, job in jobs.items():
-            seconds[key].append(loop.run_epoch(job.trainer, states[key], job.x_train, job.y_train, seed=0,
-                                               epoch=e + 1, batch_size=100)[1].seconds)
+    seconds = _epoch_seconds(jobs, args.epoch_reps)
     median = {key: statistics.median(v) for key, v in seconds.items()}
     relu = median[("fenchel", "relu")]
     rows = [{"activation": act, "lifted_epoch_s": median[("fenchel", act)], "adam_epoch_s": median[("adam", act)],
