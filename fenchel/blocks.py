@@ -53,12 +53,18 @@ class SolverConfig:
     primal and kernel forms, ‖∇f‖_{P⁻¹} in the kernel_mm form. Lipschitz
     constants come from `power_iters` power iterations times
     `lipschitz_margin` (power iteration approaches λ_max from below).
+
+    chunk_bytes (batched X blocks): solve the rows in consecutive chunks of about this many bytes of X
+    (`lax.map` over chunks, each its own FISTA loop) instead of all at once; 0 solves all rows at once. The rows
+    are independent problems with per-row momentum, restart and stopping, so the iterates are the same; what
+    changes is that each chunk's loop state stays in cache (`LiftedConfig.x_chunk_bytes`).
     """
 
     tol: float
     max_steps: int
     power_iters: int = 20
     lipschitz_margin: float = 1.05
+    chunk_bytes: int = 0
 
     def __post_init__(self):
         if not self.tol > 0:
@@ -69,6 +75,8 @@ class SolverConfig:
             raise ValueError(f"power_iters must be ≥ 1, got {self.power_iters}")
         if not self.lipschitz_margin >= 1.0:
             raise ValueError(f"lipschitz_margin must be ≥ 1, got {self.lipschitz_margin}")
+        if int(self.chunk_bytes) < 0:
+            raise ValueError(f"chunk_bytes must be ≥ 0, got {self.chunk_bytes}")
 
 
 def _largest(lam):
@@ -155,6 +163,25 @@ def _x_problem(penalty: Penalty, lam_prev, downstream: Callable) -> Callable:
     return problem
 
 
+def _in_row_chunks(solve: Callable, rows, chunk: int):
+    """solve(rows) → (x, row-separable SolveInfo), computed on consecutive chunks of `chunk` rows in turn
+    (`lax.map`; the remainder rows in one more solve) and joined: per-row fields concatenated, steps the most."""
+    n = jax.tree_util.tree_leaves(rows)[0].shape[0]
+    if chunk >= n:
+        return solve(rows)
+    k = n // chunk
+    m = k * chunk
+    x, info = jax.lax.map(solve, jax.tree_util.tree_map(lambda a: a[:m].reshape((k, chunk) + a.shape[1:]), rows))
+    steps = jnp.max(info.steps)
+    x, per_row = jax.tree_util.tree_map(lambda a: a.reshape((m,) + a.shape[2:]), (x, info._replace(steps=None)))
+    if m < n:
+        x_rest, info_rest = solve(jax.tree_util.tree_map(lambda a: a[m:], rows))
+        steps = jnp.maximum(steps, info_rest.steps)
+        x, per_row = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), (x, per_row),
+                                            (x_rest, info_rest._replace(steps=None)))
+    return x, per_row._replace(steps=steps)
+
+
 def _solve_rows(problem_fn, x_init, lipschitz, cfg: SolverConfig, mode: str):
     """Solve a row-separable problem batched or vmapped over rows.
 
@@ -163,7 +190,9 @@ def _solve_rows(problem_fn, x_init, lipschitz, cfg: SolverConfig, mode: str):
     """
     if mode == "batched":
         solver = FISTA(cfg.tol, cfg.max_steps, row_separable=True)
-        return solver.run(problem_fn(x_init[1:]), x_init[0], lipschitz)
+        row_bytes = x_init[0][0].size * x_init[0].dtype.itemsize
+        chunk = max(1, cfg.chunk_bytes // row_bytes) if cfg.chunk_bytes else x_init[0].shape[0]
+        return _in_row_chunks(lambda rows: solver.run(problem_fn(rows[1:]), rows[0], lipschitz), x_init, chunk)
     if mode == "vmap":
         solver = FISTA(cfg.tol, cfg.max_steps, row_separable=False)
 

@@ -106,15 +106,19 @@ class DataParallel:
 
     def lifted_config(self, config):
         """`config` (a `fenchel.LiftedConfig`) with w_mode "auto" resolved to "primal_mm", the form whose
-        sums over samples shard (see the module docstring)."""
-        return dataclasses.replace(config, w_mode="primal_mm") if config.w_mode == "auto" else config
+        sums over samples shard (see the module docstring), and x_chunk_bytes "auto" to off: chunks of the
+        sharded sample axis would be sliced across devices, and each device holds its share of rows only."""
+        auto = {"w_mode": "primal_mm"} if config.w_mode == "auto" else {}
+        if config.x_chunk_bytes == -1:
+            auto["x_chunk_bytes"] = 0
+        return dataclasses.replace(config, **auto)
 
     def wrap(self, trainer: Trainer) -> "ShardedTrainer":
-        """`trainer` run data parallel; a `LiftedTrainer` with w_mode "auto" is rebuilt with the form that
-        shards (`lifted_config`)."""
+        """`trainer` run data parallel; a `LiftedTrainer` with "auto" fields is rebuilt with their sharded
+        resolution (`lifted_config`)."""
         from fenchel.bcd import LiftedTrainer
 
-        if isinstance(trainer, LiftedTrainer) and trainer.config.w_mode == "auto":
+        if isinstance(trainer, LiftedTrainer) and trainer.config != self.lifted_config(trainer.config):
             trainer = trainer.with_config(self.lifted_config(trainer.config))
         return ShardedTrainer(trainer, self)
 

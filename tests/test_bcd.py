@@ -14,6 +14,7 @@ import pytest
 from scipy import optimize, special
 
 from fenchel import SCHEDULES, LiftedConfig, LiftedTrainer, init_params, mlp
+from fenchel.bcd import X_CHUNK_BYTES_CPU
 from fenchel.penalties import ACTIVATIONS
 
 SIZES = (5, 8, 7, 6, 3)  # three hidden layers: both parities in the parallel schedule
@@ -335,6 +336,30 @@ def test_stacked_minibatch_training_equals_unstacked():
         states.append(state)
     for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_full_batch_sweep_with_x_blocks_in_row_chunks_equals_the_unchunked_sweep():
+    """x_chunk_bytes = 10 rows of the widest X (48 rows: 4 chunks and a remainder of 8) in both schedules: the
+    rows are independent problems, so the sweep's weights, X and objective history are those of the sweep that
+    solves every X block in one piece (0), to float64 rounding."""
+    x, _, y = toy()
+    params = init(7)
+    for schedule in SCHEDULES:
+        cfg = dict(activation="sigmoid", schedule=schedule, lambdas=(1.0, 2.0, 0.5), x_tol=1e-9, x_max_steps=40)
+        whole = trainer(x_chunk_bytes=0, **cfg).fit_full_batch(params, x, y, sweeps=2)
+        chunked = trainer(x_chunk_bytes=10 * max(SIZES[1:-1]) * 8, **cfg).fit_full_batch(params, x, y, sweeps=2)
+        assert whole[2][-1] < whole[2][0]
+        for a, b in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_x_chunk_bytes_default_is_on_for_the_cpu_only_and_rejects_bad_values():
+    expected = X_CHUNK_BYTES_CPU if jax.default_backend() == "cpu" else 0
+    assert LiftedConfig().x_solver.chunk_bytes == expected
+    assert LiftedConfig(x_chunk_bytes=0).x_solver.chunk_bytes == 0
+    assert LiftedConfig(x_chunk_bytes=4096).x_solver.chunk_bytes == 4096
+    with pytest.raises(ValueError, match="x_chunk_bytes"):
+        LiftedConfig(x_chunk_bytes=-2)
 
 
 def test_stack_layers_rejects_unknown_value():

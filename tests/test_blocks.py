@@ -284,6 +284,45 @@ def test_vmapped_and_batched_x_solves_agree(act):
     np.testing.assert_array_equal(ib.result, iv.result)
 
 
+def test_x_blocks_solved_in_row_chunks_take_the_unchunked_iterates():
+    """chunk_bytes splits the rows into chunks solved one after another (9 rows of 5 float64 = 40 bytes: 80 bytes
+    is 4 chunks of 2 and a remainder of 1; 40 is 9 chunks of 1). Each row is its own problem (per-row momentum,
+    restart and stopping), so every per-row result must be the one of the solve over all rows: a chunk paired
+    with another chunk's U_prev, a lost or reordered remainder row, or a chunk's rows stopped by another's test
+    would show. Sigmoid's root-finding prox makes the rows stop after different numbers of iterations."""
+    pen = get_penalty("sigmoid")
+    layer, u_prev, x_next, x0 = x_hidden_problem("sigmoid", 41)
+    cfg = SolverConfig(tol=1e-8, max_steps=300)
+    whole = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, 0.8, 1.7, cfg)
+    assert len(set(np.asarray(whole[1].residual).round(12))) > 1
+    for chunk_bytes in (80, 40):
+        chunked = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, 0.8, 1.7,
+                                 SolverConfig(tol=1e-8, max_steps=300, chunk_bytes=chunk_bytes))
+        for got, want in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_x_last_block_solved_in_row_chunks_is_optimal():
+    """The output-side X block in chunks of 2 rows (and a remainder): first-order optimality and agreement with
+    L-BFGS-B on the whole block (numpy reference), and every row converged."""
+    act, loss = "relu", "softmax"
+    layer = layer_of(11, N_IN, N_OUT, 0.6)
+    u_prev = rand(13, (N, N_IN), 1.5)
+    y = np.eye(N_OUT)[np.arange(N) % N_OUT]
+    x0 = domain_point(act, rand(15, (N, N_IN)))
+    cfg = SolverConfig(tol=1e-9, max_steps=20000, chunk_bytes=2 * N_IN * 8)
+    x, info = solve_x_last(get_penalty(act), x0, u_prev, Dense(N_OUT), layer, y, 0.9, loss, cfg)
+    assert np.asarray(info.result).shape == (N,) and np.all(np.asarray(info.result) == Result.CONVERGED)
+    w, b = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+
+    def fg(flat):
+        z = flat.reshape(N, N_IN)
+        lv, lg = ref_loss(loss, y, z @ w + b)
+        return np.sum(lv) + 0.9 * np.sum(ref_B(act, u_prev, z)), (lg @ w.T + 0.9 * (ref_dG(act, z) - u_prev)).ravel()
+
+    check_x_optimal(act, x, fg)
+
+
 # ---------------------------------------------------------------- W blocks
 # every form (ReLU in kernel_mm: further down) and every activation in the default form (kernel_mm, whose majoriser
 # relies on each penalty's curvature bound); the forms are generic over the fit term and agree iterate by iterate
@@ -647,6 +686,8 @@ def test_solver_rejects_bad_settings():
         SolverConfig(tol=0.0, max_steps=10)
     with pytest.raises(ValueError, match="power_iters"):
         SolverConfig(tol=1e-5, max_steps=10, power_iters=0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        SolverConfig(tol=1e-5, max_steps=10, chunk_bytes=-1)
     with pytest.raises(TypeError):
         SolverConfig()  # tol and max_steps have no defaults: LiftedConfig owns them
 

@@ -1,5 +1,6 @@
 """Convolutional lifted networks: conv/pool linear maps against numpy, the CNN objective, conv blocks, BCD."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -259,6 +260,10 @@ def test_conv_x_block_matches_scipy():
 
     ref, _ = scipy_min(total, x0, [(0, None)] * x0.size)
     assert float(total(x)) <= ref + 1e-8 * abs(ref) + 1e-10
+    # in chunks of 2 samples (8·8·2 float64 = 1 KiB each) and a remainder of 1: the same solution
+    chunked, _ = blocks.solve_x_hidden(pen, x0, u_prev, spec, layer, x_next, lam_prev, lam_next,
+                                       dataclasses.replace(cfg, chunk_bytes=2 * 1024))
+    np.testing.assert_allclose(chunked, x, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

@@ -106,6 +106,25 @@ def test_sharded_full_batch_bcd_equals_one_device(schedule):
     assert xs8[0].sharding.spec[0] == "data"  # the lifted variables stay sharded over samples
 
 
+def test_sharded_full_batch_bcd_with_x_blocks_in_row_chunks_equals_one_device():
+    """X blocks solved in chunks of 16 rows (`x_chunk_bytes`) on samples sharded over 8 devices: the chunks cut
+    across the devices' shares and the result is still the one-device, one-piece sweep's. `DataParallel` turns
+    the CPU's "auto" chunking off (`lifted_config`), so this is the explicit setting."""
+    x, y = _data(80, (5,), 3, seed=2)
+    params = init_params(jax.random.PRNGKey(3), MLP, (5,), jnp.float64)
+    whole = LiftedTrainer(LiftedConfig(w_mode="primal_mm", x_chunk_bytes=0), MLP)
+    chunked = LiftedTrainer(LiftedConfig(w_mode="primal_mm", x_chunk_bytes=16 * 7 * 8), MLP)
+    p1, xs1, hist1 = whole.fit_full_batch(params, x, y, sweeps=2)
+    dp = DataParallel(data_mesh(8))
+    p8, xs8, hist8 = chunked.fit_full_batch(dp.replicate(params), dp.shard(x), dp.shard(y), sweeps=2)
+    np.testing.assert_allclose(hist8, hist1, rtol=1e-10)
+    _close(p8, p1)
+    _close(xs8, xs1)
+    resolved = dp.lifted_config(LiftedConfig())
+    assert (resolved.x_chunk_bytes, resolved.w_mode) == (0, "primal_mm")
+    assert dp.lifted_config(LiftedConfig(x_chunk_bytes=512)).x_chunk_bytes == 512
+
+
 def test_sharded_w_block_reduction_equals_unsharded():
     """One W block on sharded (X_in, X_out) equals the same block unsharded, for every dense and conv form."""
     penalty = activation_penalty("relu")
