@@ -102,13 +102,15 @@ class Dense:
 
     def w_form(self, requested: str, x_in: jax.Array, mu) -> str:
         """"auto": kernel_mm when N ≤ n_in and the block is strongly convex (μ > 0), kernel when μ = 0,
-        primal when N > n_in (the N×N kernel would cost more than the n_in×n_in primal work)."""
+        primal_mm when N > n_in (the N×N kernel would cost more than the (n_in+1)² majoriser; preconditioned,
+        3 iterations of a full-batch sweep do what unpreconditioned primal FISTA does in far more:
+        `tests/test_blocks.py`, README "Full-batch W blocks")."""
         _check_form(self, requested, mu)
         if requested != "auto":
             return requested
         n, n_in = x_in.shape[0], self.fan_in(x_in.shape[1:])
         if n > n_in:
-            return "primal"
+            return "primal_mm"
         return "kernel_mm" if mu > 0 else "kernel"
 
 
