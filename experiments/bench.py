@@ -18,6 +18,10 @@ compile time (first call minus median) is reported separately. Sections (`--sect
   layers   equal-width hidden W blocks through LiftedTrainer, stack_layers off (a list) and on (stacked, vmapped).
   curves   time per full-batch sweep of 784-300-10 against samples (1k … 60k) and of 784-W-10 against width
            W (100 … 4000), with fitted growth exponents (least squares on log time against log size).
+  fullbatch  full-batch BCD of 784-300-10 on `--fullbatch-samples` images with each dense W form for more samples
+           than inputs (primal: FISTA with step 1/L; primal_mm: preconditioned by the (n_in + 1)² majoriser, the
+           "auto" choice) and with the X blocks whole or in cache-sized chunks (`x_chunk_bytes`): time per sweep
+           (the variants alternating) and the lifted objective F after each of `--fullbatch-sweeps` sweeps.
   devices  the data-parallel minibatch step and full-batch sweep (`fenchel.sharding`) on 1, 2, 4 and 8
            forced host devices (each count in a subprocess with XLA_FLAGS set), as overhead ratios.
   memory   peak host RSS of this process, and device peak memory where the backend reports it.
@@ -54,7 +58,9 @@ from fenchel.penalties import ACTIVATIONS
 
 ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:100",
                  "lenet5": mnist_lenet5.get_config().layers}
-SECTIONS = ("epoch", "activations", "blocks", "layers", "curves", "devices", "memory")
+SECTIONS = ("epoch", "activations", "blocks", "layers", "curves", "fullbatch", "devices", "memory")
+# the fullbatch section's variants: (W form for N > n_in, x_chunk_bytes); the last is the default
+FULLBATCH_VARIANTS = (("primal", -1), ("primal_mm", 0), ("primal_mm", -1))
 
 
 def timed(fn, *args, reps: int = 5) -> dict:
@@ -234,6 +240,27 @@ def section_curves(args, out: dict) -> None:
               + f"; exponent {curve['exponent']:.2f}", flush=True)
 
 
+def section_fullbatch(args, out: dict) -> None:
+    job = _job("dense:300", "adam")
+    n = min(args.fullbatch_samples, job.x_train.shape[0])
+    x, y = job.x_train[:n], job.y_train[:n]
+    layers = mlp((x.shape[1], 300, 10))
+    params = init_params(jax.random.PRNGKey(0), layers, (x.shape[1],))
+    trainers = {f"{form}, x_chunk_bytes={chunk}": LiftedTrainer(LiftedConfig(w_mode=form, x_chunk_bytes=chunk), layers)
+                for form, chunk in FULLBATCH_VARIANTS}
+    xs = next(iter(trainers.values())).forward(params, x)
+    times = timed_alternating({label: (tr.sweep, (params, xs, x, y)) for label, tr in trainers.items()},
+                              reps=max(2, args.reps // 2))
+    rows = []
+    for (form, chunk), (label, tr) in zip(FULLBATCH_VARIANTS, trainers.items()):
+        history = tr.fit_full_batch(params, x, y, sweeps=args.fullbatch_sweeps)[2]
+        rows.append({"w_mode": form, "x_chunk_bytes": chunk, "resolved_x_chunk_bytes": tr.config.x_solver.chunk_bytes,
+                     "sweep": times[label], "objective": history})
+        print(f"  {label}: sweep {times[label]['median_s']:.3f} s, F after 0, 1, {args.fullbatch_sweeps} sweeps "
+              f"{history[0]:.4f}, {history[1]:.4f}, {history[-1]:.4f}", flush=True)
+    out["fullbatch"] = {"architecture": "784-300-10", "samples": n, "sweeps": args.fullbatch_sweeps, "rows": rows}
+
+
 def section_layers(args, out: dict) -> None:
     """Equal-width hidden W blocks (784-300-300-300-300-10, batch 100) through `LiftedTrainer`, with
     `stack_layers` off (a list of solves in one program) and on (one solve vmapped over the stacked layers):
@@ -377,6 +404,16 @@ def print_tables(out: dict) -> None:
         if out["curves"]["samples"].get("exponent_from_5000") is not None:
             print(f"(samples ≥ 5000: exponent {out['curves']['samples']['exponent_from_5000']:.2f}; width curve on "
                   f"{out['curves']['width']['samples']} samples)")
+    if "fullbatch" in out:
+        f = out["fullbatch"]
+        marks = sorted({1, 3, f["sweeps"]} & set(range(1, f["sweeps"] + 1)))
+        print(f"\n| {f['architecture']}, {f['samples']} samples: W form (N > n_in), x_chunk_bytes | sweep s | "
+              + " | ".join(f"F after {k}" for k in marks) + " |")
+        print("|---|---|" + "---|" * len(marks))
+        for r in f["rows"]:
+            print(f"| {r['w_mode']}, {r['x_chunk_bytes']} ({r['resolved_x_chunk_bytes']}) | "
+                  f"{r['sweep']['median_s']:.3f} | " + " | ".join(f"{r['objective'][k]:.4f}" for k in marks) + " |")
+        print(f"(F before the first sweep: {f['rows'][0]['objective'][0]:.4f})")
     if "devices" in out:
         print("\n| forced host devices | sharded step ms (batch 800) | / 1 device | full-batch sweep s | / 1 device |")
         print("|---|---|---|---|---|")
@@ -399,6 +436,9 @@ def main(argv=None):
     p.add_argument("--lenet-sweep-samples", type=int, default=None,
                    help="full-batch sweep size, LeNet-5 (default 60000 on a GPU, 5000 on a CPU)")
     p.add_argument("--width-samples", type=int, default=None, help="samples of the width curve (GPU 60000, CPU 10000)")
+    p.add_argument("--fullbatch-samples", type=int, default=None,
+                   help="images of the fullbatch section (default 60000 on a GPU, 10000 on a CPU)")
+    p.add_argument("--fullbatch-sweeps", type=int, default=10, help="sweeps of the fullbatch section's fits")
     p.add_argument("--devices", default="1,2,4,8", help="forced host device counts of the devices section")
     p.add_argument("--device-samples", type=int, default=8000, help="full-batch size of the devices section")
     p.add_argument("--x-steps", type=int, default=None, help="lifted x_max_steps (default: the config's)")
@@ -412,6 +452,7 @@ def main(argv=None):
     gpu = jax.devices()[0].platform == "gpu"
     args.lenet_sweep_samples = args.lenet_sweep_samples or (60000 if gpu else 5000)
     args.width_samples = args.width_samples or (60000 if gpu else 10000)
+    args.fullbatch_samples = args.fullbatch_samples or (60000 if gpu else 10000)
     args.devices = [int(n) for n in args.devices.split(",") if n]
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
