@@ -104,7 +104,7 @@ class Dense:
         """"auto": kernel_mm when N ≤ n_in and the block is strongly convex (μ > 0), kernel when μ = 0,
         primal_mm when N > n_in (the N×N kernel would cost more than the (n_in+1)² majoriser; preconditioned,
         3 iterations of a full-batch sweep do what unpreconditioned primal FISTA does in far more:
-        `tests/test_blocks.py`, README "Full-batch W blocks")."""
+        `tests/test_blocks.py`; docs/benchmarks.md, "Full-batch sweeps")."""
         _check_form(self, requested, mu)
         if requested != "auto":
             return requested
