@@ -241,6 +241,7 @@ def section_curves(args, out: dict) -> None:
 
 
 def section_fullbatch(args, out: dict) -> None:
+    """Full-batch BCD with each of `FULLBATCH_VARIANTS`: sweep time (alternating) and F after every sweep."""
     job = _job("dense:300", "adam")
     n = min(args.fullbatch_samples, job.x_train.shape[0])
     x, y = job.x_train[:n], job.y_train[:n]
