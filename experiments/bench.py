@@ -22,6 +22,11 @@ compile time (first call minus median) is reported separately. Sections (`--sect
            than inputs (primal: FISTA with step 1/L; primal_mm: preconditioned by the (n_in + 1)² majoriser, the
            "auto" choice) and with the X blocks whole or in cache-sized chunks (`x_chunk_bytes`): time per sweep
            (the variants alternating) and the lifted objective F after each of `--fullbatch-sweeps` sweeps.
+  budgets  the cost of the lifted minibatch step against its iteration budgets (784-300-10, batch 100): from one
+           state trained for `--budget-warm-steps` steps, `--budget-steps` steps with each (x_max_steps,
+           w_max_steps) of `--budget-grid`, alternating with Adam's steps from its own state trained as long;
+           each as a ratio to Adam's step, and a least-squares fit step = fixed + a·x_max_steps + b·w_max_steps
+           (JSON: `budgets`). The fixed part bounds from below what any budget can cost.
   devices  the data-parallel minibatch step and full-batch sweep (`fenchel.sharding`) on 1, 2, 4 and 8
            forced host devices (each count in a subprocess with XLA_FLAGS set), as overhead ratios.
   memory   peak host RSS of this process, and device peak memory where the backend reports it.
@@ -58,7 +63,7 @@ from fenchel.penalties import ACTIVATIONS
 
 ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:100",
                  "lenet5": mnist_lenet5.get_config().layers}
-SECTIONS = ("epoch", "activations", "blocks", "layers", "curves", "fullbatch", "devices", "memory")
+SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "curves", "fullbatch", "devices", "memory")
 # the fullbatch section's variants: (W form for N > n_in, x_chunk_bytes); the last is the default
 FULLBATCH_VARIANTS = (("primal", -1), ("primal_mm", 0), ("primal_mm", -1))
 
@@ -101,6 +106,27 @@ def lifted_iterations(args) -> dict:
     """The lifted trainers' iteration overrides (--x-steps, --w-steps), as config fields."""
     fields = {"x_max_steps": args.x_steps, "w_max_steps": args.w_steps}
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def linear_cost_fit(budgets, seconds) -> dict:
+    """Least-squares fit of seconds ≈ fixed + per_x·x + per_w·w over the (x, w) iteration budgets."""
+    a = np.column_stack([np.ones(len(budgets)), np.asarray(budgets, float)])
+    coef = np.linalg.lstsq(a, np.asarray(seconds, float), rcond=None)[0]
+    return {"fixed_s": float(coef[0]), "per_x_iteration_s": float(coef[1]), "per_w_iteration_s": float(coef[2])}
+
+
+def parse_budget_grid(text: str) -> list:
+    """"1/1,10/3" → [(1, 1), (10, 3)]: (x_max_steps, w_max_steps) pairs, each ≥ 1."""
+    grid = []
+    for item in text.split(","):
+        parts = item.strip().split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            raise ValueError(f"budget {item!r}: expected X/W with two integers ≥ 1, e.g. 10/3")
+        grid.append((int(parts[0]), int(parts[1])))
+    if np.linalg.matrix_rank(np.column_stack([np.ones(len(grid)), np.asarray(grid, float)])) < 3:
+        raise ValueError(f"--budget-grid {text!r}: fitting a fixed, a per-X and a per-W cost needs budgets that vary "
+                         "X and W independently (e.g. 1/1,1/3,10/1)")
+    return grid
 
 
 def _job(layers: str, trainer: str, train_size: int = 0, **fields):
@@ -207,6 +233,46 @@ def section_blocks(args, out: dict) -> None:
                      "steps": int(info.steps), "budget": c.w_max_steps, "steps_to_tol": to_tol})
     out["blocks"] = {"architecture": "784-300-100-10", "batch": 100, "x_tol": c.x_tol, "w_tol": c.w_tol,
                      "rows": rows}
+
+
+def section_budgets(args, out: dict) -> None:
+    """Lifted minibatch steps (784-300-10) at each iteration budget of `--budget-grid` against Adam's step."""
+    grid = parse_budget_grid(args.budget_grid)
+    lifted, adam = _job(ARCHITECTURES["784-300-10"], "fenchel"), _job(ARCHITECTURES["784-300-10"], "adam")
+    x, y = lifted.x_train, lifted.y_train
+    batches = loop.epoch_batches(0, 0, x.shape[0], 100)
+    warm, n = args.budget_warm_steps, args.budget_steps
+    if warm + n > len(batches):
+        raise ValueError(f"--budget-warm-steps + --budget-steps = {warm + n} exceeds the {len(batches)} batches of "
+                         "an epoch")
+    start = {}
+    for label, job in (("lifted", lifted), ("adam", adam)):  # each trainer's own state after `warm` steps
+        step, state = loop.step_on_rows(job.trainer), job.trainer.init(job.params0)
+        for idx in batches[:warm]:
+            state = step(state, x, y, idx)[0]
+        start[label] = jax.block_until_ready(state)
+    jobs = {"adam": (adam.trainer, start["adam"])}
+    for xs, ws in grid:
+        tr = LiftedTrainer(dataclasses.replace(lifted.trainer.config, x_max_steps=xs, w_max_steps=ws),
+                           lifted.trainer.layers)
+        jobs[f"{xs}/{ws}"] = (tr, start["lifted"])
+
+    def run(trainer, state):
+        step = loop.step_on_rows(trainer)
+        for idx in batches[warm:warm + n]:
+            state = step(state, x, y, idx)[0]
+        return state
+
+    times = timed_alternating({label: (run, job) for label, job in jobs.items()}, reps=args.reps)
+    adam_s = times["adam"]["median_s"] / n
+    rows = [{"x_max_steps": xs, "w_max_steps": ws, "step_s": times[f"{xs}/{ws}"]["median_s"] / n,
+             "over_adam": times[f"{xs}/{ws}"]["median_s"] / n / adam_s} for xs, ws in grid]
+    fit = linear_cost_fit(grid, [r["step_s"] for r in rows])
+    out["budgets"] = {"architecture": "784-300-10", "batch": 100, "warm_steps": warm, "steps": n,
+                      "adam_step_s": adam_s, "rows": rows, "fit": fit, "fixed_over_adam": fit["fixed_s"] / adam_s}
+    print(f"  Adam step {adam_s * 1e3:.2f} ms; lifted step ≈ {fit['fixed_s'] * 1e3:.2f} ms "
+          f"({fit['fixed_s'] / adam_s:.2f}x Adam) + {fit['per_x_iteration_s'] * 1e6:.0f} µs per X iteration + "
+          f"{fit['per_w_iteration_s'] * 1e6:.0f} µs per W iteration", flush=True)
 
 
 def _sweep_time(width: int, x, y, reps: int) -> dict:
@@ -390,6 +456,17 @@ def print_tables(out: dict) -> None:
         print("|---|---|---|---|")
         for r in out["blocks"]["rows"]:
             print(f"| {r['block']} | {r['median_s'] * 1e3:.2f} | {r['steps']} ({r['budget']}) | {r['steps_to_tol']} |")
+    if "budgets" in out:
+        b = out["budgets"]
+        print(f"\n| iterations per X / W block ({b['architecture']}, batch {b['batch']}, after {b['warm_steps']} "
+              f"steps) | lifted step ms | / Adam step ({b['adam_step_s'] * 1e3:.2f} ms) |")
+        print("|---|---|---|")
+        for r in b["rows"]:
+            print(f"| {r['x_max_steps']} / {r['w_max_steps']} | {r['step_s'] * 1e3:.2f} | {r['over_adam']:.2f} |")
+        f = b["fit"]
+        print(f"(fit: {f['fixed_s'] * 1e3:.2f} ms fixed = {b['fixed_over_adam']:.2f}x Adam's step, "
+              f"+ {f['per_x_iteration_s'] * 1e6:.0f} µs per X iteration, + {f['per_w_iteration_s'] * 1e6:.0f} µs "
+              "per W iteration)")
     if "layers" in out:
         r = out["layers"]
         print(f"\n{r['architecture']}, batch 100, {r['blocks']} equal hidden W blocks (stack_layers off / on): "
@@ -444,6 +521,10 @@ def main(argv=None):
     p.add_argument("--device-samples", type=int, default=8000, help="full-batch size of the devices section")
     p.add_argument("--x-steps", type=int, default=None, help="lifted x_max_steps (default: the config's)")
     p.add_argument("--w-steps", type=int, default=None, help="lifted w_max_steps (default: the config's)")
+    p.add_argument("--budget-grid", default="1/1,1/3,3/1,3/2,10/1,10/3",
+                   help="X/W iteration budgets of the budgets section, comma-separated")
+    p.add_argument("--budget-warm-steps", type=int, default=300, help="training steps before the budgets are timed")
+    p.add_argument("--budget-steps", type=int, default=100, help="timed steps per budget and repetition")
     p.add_argument("--child-devices", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.reps = args.reps or (3 if args.quick else 5)
@@ -459,6 +540,11 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    if "budgets" in sections:
+        try:
+            parse_budget_grid(args.budget_grid)
+        except ValueError as err:
+            p.error(str(err))
     out = {"machine": machine(), "lifted_iterations": lifted_iterations(args)}
     for name in SECTIONS:
         if name in sections:

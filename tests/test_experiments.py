@@ -566,6 +566,56 @@ def test_bench_fullbatch_section_fits_every_variant_monotonically(capsys):
     assert capsys.readouterr().out.count("| primal") == len(rows)
 
 
+def test_bench_budget_cost_fit_recovers_a_known_cost_model():
+    """`bench.linear_cost_fit` on times made exactly from fixed + a·x + b·w (a ≠ b, so swapped per-X and per-W
+    coefficients or a dropped intercept would show) returns those three costs."""
+    from experiments import bench
+
+    grid = [(1, 1), (1, 3), (3, 1), (3, 2), (10, 1), (10, 3)]
+    seconds = [2.0e-3 + 9.0e-5 * x + 2.1e-4 * w for x, w in grid]
+    fit = bench.linear_cost_fit(grid, seconds)
+    np.testing.assert_allclose([fit["fixed_s"], fit["per_x_iteration_s"], fit["per_w_iteration_s"]],
+                               [2.0e-3, 9.0e-5, 2.1e-4], rtol=1e-9)
+
+
+@pytest.mark.parametrize("text", ["10-3", "0/1,1/1,2/2", "1/1,2/2,3/3", "1/1,1/1,2/1", "a/b,1/1,2/1"])
+def test_bench_budget_grid_rejects_what_cannot_be_fitted(text):
+    """A malformed budget, a zero budget, or budgets that do not vary X and W independently (collinear or too few)
+    are errors before anything is timed."""
+    from experiments import bench
+
+    with pytest.raises(ValueError, match="budget"):
+        bench.parse_budget_grid(text)
+
+
+def test_bench_budgets_section_times_each_budget_against_adam(monkeypatch, capsys):
+    """`experiments.bench --sections budgets` with a 3-budget grid: each budget reaches its own lifted trainer (a
+    budget dropped on the way would time the default twice), each row's ratio is its step over Adam's, and the
+    table prints a row per budget."""
+    from experiments import bench
+
+    made = []
+
+    class Recording(bench.LiftedTrainer):
+        def __init__(self, config, layers):
+            made.append((config.x_max_steps, config.w_max_steps))
+            super().__init__(config, layers)
+
+    monkeypatch.setattr(bench, "LiftedTrainer", Recording)
+    args = argparse.Namespace(budget_grid="1/1,2/1,1/2", budget_warm_steps=2, budget_steps=2, reps=1)
+    out = {}
+    bench.section_budgets(args, out)
+    b = out["budgets"]
+    assert made == [(1, 1), (2, 1), (1, 2)]
+    assert [(r["x_max_steps"], r["w_max_steps"]) for r in b["rows"]] == made
+    for r in b["rows"]:
+        assert r["step_s"] > 0 and r["over_adam"] == pytest.approx(r["step_s"] / b["adam_step_s"])
+    assert b["fixed_over_adam"] == pytest.approx(b["fit"]["fixed_s"] / b["adam_step_s"])
+    bench.print_tables({"machine": bench.machine(), **out})
+    printed = capsys.readouterr().out
+    assert all(f"| {x} / {w} |" in printed for x, w in made)
+
+
 def test_bench_alternates_the_timed_calls_and_reports_each_ones_median():
     """`bench.timed_alternating` warms each call up once, then calls them in turn, so that the lifted and Adam
     steps of one epoch row see the same machine; each label's median is over its own calls only."""
