@@ -346,3 +346,36 @@ def test_prox_of_G_from_its_own_answer_takes_few_root_iterations(act, monkeypatc
     again = pen.prox_G(z, s, v)
     np.testing.assert_allclose(np.asarray(again), np.asarray(v), atol=1e-6)  # float32
     assert counts[-1] <= 3, counts
+
+
+DOMAINS = {"relu": (0.0, np.inf), "leaky_relu": (-np.inf, np.inf), "sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0),
+           "lnn_relu": (0.0, np.inf)}
+
+
+@pytest.mark.parametrize("name", ALL_PENALTIES)
+def test_prox_of_G_with_a_zero_step_is_the_projection_onto_the_domain(name):
+    """prox_G(z, 0) = argmin_{v ∈ dom G} ½(v − z)² = np.clip(z, dom G), also for s = 0 next to s > 0 (a per-neuron
+    λ = 0 in an X block) and for the warm prox; catches a sigmoid/tanh prox that returns z itself outside the range."""
+    pen = make_penalty(name)
+    lo, hi = DOMAINS[name]
+    z = np.linspace(-3.0, 3.0, 61)
+    s = np.where(np.arange(z.size) % 2 == 0, 0.0, 0.5)  # s = 0 on even entries
+    got = np.asarray(pen.prox_G(jnp.asarray(z), jnp.asarray(s)))
+    np.testing.assert_allclose(got[s == 0], np.clip(z[s == 0], lo, hi), rtol=0, atol=1e-15)
+    assert np.all((got >= lo) & (got <= hi))
+    np.testing.assert_allclose(np.asarray(pen.prox_G(jnp.asarray(z), jnp.asarray(0.0))), np.clip(z, lo, hi), atol=1e-15)
+    if pen.prox_G_warm is not None:
+        v, _ = pen.prox_G_warm(jnp.asarray(z), jnp.asarray(s), jnp.zeros_like(jnp.asarray(z)))
+        np.testing.assert_allclose(np.asarray(v)[s == 0], np.clip(z[s == 0], lo, hi), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ALL_PENALTIES)
+def test_smooth_part_in_u_is_F_minus_c_u_v(name):
+    """smooth_u(u, v) = F(u) − c·u·v with the numpy F and c = 1 (Fenchel), c = 2 for LNN ((v − u)² = u² + v² − 2uv),
+    so ∂/∂u vanishes where F'(u) = c·v; catches a W block's fit term that drops the coupling constant c."""
+    pen = make_penalty(name)
+    u = RNG.normal(0, 2, 500)
+    v = sample_domain("relu" if name == "lnn_relu" else name, 500)
+    c = 2.0 if name == "lnn_relu" else 1.0
+    got = np.asarray(pen.smooth_u(jnp.asarray(u), jnp.asarray(v)))
+    np.testing.assert_allclose(got, reference_F(name, u) - c * u * v, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,166 @@
+"""`fenchel.solvers` against independent float64 numpy/SciPy references: FISTA's iterates step by step (momentum,
+adaptive restart, residual, row-separable freezing), its optimum, and the linear-algebra helpers.
+
+The reference FISTA below is written here from the iteration in the module docstring (O'Donoghue & Candès 2015):
+
+    z_k = clip(y_k − ∇f(y_k)/L),  t_{k+1} = (1 + √(1 + 4 t_k²))/2,  β_k = (t_k − 1)/t_{k+1},
+    y_{k+1} = z_k + β_k (z_k − x_k),  x_{k+1} = z_k,  restart (t = 1, β = 0) when ⟨y_k − z_k, z_k − x_k⟩ > 0,
+
+with residual L·‖y_k − z_k‖_∞; nothing from the library computes an expected value.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import optimize
+
+from fenchel.solvers import FISTA, Composite, Result, cholesky_inverse, gram_majoriser, power_iteration, spd_solve
+
+LO, HI = -0.4, 0.6  # the box of the test problems' constraint
+
+
+def box_qp(seed, n=6, rows=None):
+    """min ½xᵀAx − bᵀx over the box [LO, HI]ⁿ, A SPD with condition number 200 (so that momentum overshoots and
+    the adaptive restart fires); b per row when rows is given. Returns A, b, L = λ_max(A)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = q @ np.diag(np.geomspace(1.0, 200.0, n)) @ q.T
+    b = rng.normal(0, 3.0, (n,) if rows is None else (rows, n))  # some, not all, constraints active at the optimum
+    return a, b, np.linalg.eigvalsh(a)[-1]
+
+
+def composite(a, b, rows: bool):
+    """The box QP as a `Composite`, per-row values when rows is true."""
+    aj, bj = jnp.asarray(a), jnp.asarray(b)
+    if rows:
+        smooth = lambda x: 0.5 * jnp.sum((x @ aj) * x, axis=1) - jnp.sum(bj * x, axis=1)  # noqa: E731
+        nonsmooth = lambda x: jnp.zeros(x.shape[0])  # noqa: E731
+    else:
+        smooth = lambda x: 0.5 * x @ aj @ x - bj @ x  # noqa: E731
+        nonsmooth = lambda x: 0.0  # noqa: E731
+    return Composite(smooth=smooth, prox=lambda z, s: jnp.clip(z, LO, HI), nonsmooth=nonsmooth)
+
+
+def numpy_fista(a, b, lip, x0, steps, restart, tol):
+    """The reference iteration on one problem: per step (x, y, t, residual, restarted), frozen once residual ≤ tol."""
+    x, y, t, done, out = x0.copy(), x0.copy(), 1.0, False, []
+    res = np.inf
+    for _ in range(steps):
+        restarted = False
+        if not done:
+            z = np.clip(y - (a @ y - b) / lip, LO, HI)
+            res = lip * np.max(np.abs(y - z))
+            t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+            beta = (t - 1.0) / t_next
+            if restart and np.dot(y - z, z - x) > 0:
+                t_next, beta, restarted = 1.0, 0.0, True
+            x, y, t = z, z + beta * (z - x), t_next
+            done = res <= tol
+        out.append((x.copy(), y.copy(), t, res, restarted))
+    return out
+
+
+def test_fista_iterates_without_restart_match_the_numpy_reference():
+    """30 plain FISTA steps (restart off) take the reference's x, y, t and residual; catches a wrong momentum
+    update (t_{k+1} from t instead of t², β from t_{k+1}, y extrapolated along z − y) or a residual without L."""
+    a, b, lip = box_qp(0)
+    tol = 1e-300  # never met: 30 steps of momentum
+    solver = FISTA(tol=tol, max_steps=1000, restart=False)
+    problem, x0 = composite(a, b, rows=False), np.zeros(len(b))
+    state, update = solver.init(problem, jnp.asarray(x0), lip), jax.jit(lambda s: solver.update(problem, s, lip))
+    for k, (x, y, t, res, _) in enumerate(numpy_fista(a, b, lip, x0, 30, restart=False, tol=tol)):
+        state = update(state)
+        np.testing.assert_allclose(np.asarray(state.x), x, rtol=1e-9, atol=1e-12, err_msg=f"x, step {k}")
+        np.testing.assert_allclose(np.asarray(state.y), y, rtol=1e-9, atol=1e-12, err_msg=f"y, step {k}")
+        np.testing.assert_allclose(float(state.t), t, rtol=1e-12, err_msg=f"t, step {k}")
+        np.testing.assert_allclose(float(state.residual), res, rtol=1e-9, atol=1e-12, err_msg=f"residual, step {k}")
+
+
+def test_fista_adaptive_restart_matches_the_numpy_reference():
+    """With restart on, 60 steps take the reference iterates, and the reference restarts at some steps but not at
+    all; catches a restart test of the wrong sign and a restart that zeroes β but keeps the grown t."""
+    a, b, lip = box_qp(3)
+    tol = 1e-300
+    solver = FISTA(tol=tol, max_steps=1000, restart=True)
+    problem, x0 = composite(a, b, rows=False), np.zeros(len(b))
+    ref = numpy_fista(a, b, lip, x0, 60, restart=True, tol=tol)
+    n_restarts = sum(r[4] for r in ref)
+    assert 0 < n_restarts < 30, n_restarts  # the case is present, and restart is not every step
+    state, update = solver.init(problem, jnp.asarray(x0), lip), jax.jit(lambda s: solver.update(problem, s, lip))
+    for k, (x, y, t, res, _) in enumerate(ref):
+        state = update(state)
+        np.testing.assert_allclose(np.asarray(state.x), x, rtol=1e-9, atol=1e-12, err_msg=f"x, step {k}")
+        np.testing.assert_allclose(np.asarray(state.y), y, rtol=1e-9, atol=1e-12, err_msg=f"y, step {k}")
+        np.testing.assert_allclose(float(state.t), t, rtol=1e-12, err_msg=f"t, step {k}")
+        np.testing.assert_allclose(float(state.residual), res, rtol=1e-9, atol=1e-12, err_msg=f"residual, step {k}")
+
+
+def test_row_separable_fista_runs_each_row_as_its_own_problem_and_freezes_converged_rows():
+    """Row-separable FISTA on 4 box QPs (one b per row) takes, row by row, the reference iterates of that row's
+    problem alone, frozen once its residual ≤ tol (rows converge at different steps); catches per-row momentum,
+    restart or freezing not applied per row."""
+    a, b, lip = box_qp(2, rows=4)
+    tol = 1e-4
+    solver = FISTA(tol=tol, max_steps=1000, restart=True, row_separable=True)
+    problem, x0 = composite(a, b, rows=True), np.zeros(b.shape)
+    refs = [numpy_fista(a, b[r], lip, x0[r], 150, restart=True, tol=tol) for r in range(len(b))]
+    converged_at = [next(k for k, s in enumerate(ref) if s[3] <= tol) for ref in refs]
+    assert len(set(converged_at)) > 1 and max(converged_at) < 149, converged_at
+    state, update = solver.init(problem, jnp.asarray(x0), lip), jax.jit(lambda s: solver.update(problem, s, lip))
+    for k in range(150):
+        state = update(state)
+        for r, ref in enumerate(refs):
+            x, y, t, res, _ = ref[k]
+            np.testing.assert_allclose(np.asarray(state.x[r]), x, rtol=1e-8, atol=1e-10, err_msg=f"x row {r}, {k}")
+            np.testing.assert_allclose(np.asarray(state.y[r]), y, rtol=1e-8, atol=1e-10, err_msg=f"y row {r}, {k}")
+            np.testing.assert_allclose(float(state.t[r]), t, rtol=1e-12, err_msg=f"t row {r}, step {k}")
+        np.testing.assert_array_equal(np.asarray(state.done), [k >= c for c in converged_at])
+
+
+def test_fista_run_reaches_the_scipy_optimum_and_reports_converged():
+    """FISTA.run on the box QP returns SciPy's L-BFGS-B minimiser, a value no larger than SciPy's, CONVERGED and
+    a residual ≤ tol that is the gradient-mapping norm L‖x − clip(x − ∇f(x)/L)‖_∞ (up to one step)."""
+    a, b, lip = box_qp(1)
+    res = optimize.minimize(lambda x: 0.5 * x @ a @ x - b @ x, np.zeros(len(b)), jac=lambda x: a @ x - b,
+                            method="L-BFGS-B", bounds=[(LO, HI)] * len(b), options={"ftol": 1e-15, "gtol": 1e-12})
+    x, info = FISTA(tol=1e-9, max_steps=5000).run(composite(a, b, rows=False), jnp.zeros(len(b)), lip)
+    assert int(info.result) == Result.CONVERGED and float(info.residual) <= 1e-9
+    np.testing.assert_allclose(np.asarray(x), res.x, atol=1e-7)
+    assert float(info.value) <= res.fun + 1e-12
+    x = np.asarray(x)
+    grad_map = lip * np.max(np.abs(x - np.clip(x - (a @ x - b) / lip, LO, HI)))
+    assert grad_map <= 1e-7
+
+
+def test_gram_majoriser_is_c_AtA_plus_diag():
+    """gram_majoriser(A, c, d) = c·AᵀA + diag(d) (numpy) for c ≠ 1; catches a dropped curvature factor."""
+    rng = np.random.default_rng(5)
+    a, d = rng.normal(size=(7, 4)), rng.uniform(0.1, 2.0, 4)
+    got = np.asarray(gram_majoriser(jnp.asarray(a), 0.37, jnp.asarray(d)))
+    np.testing.assert_allclose(got, 0.37 * a.T @ a + np.diag(d), rtol=1e-12, atol=1e-12)
+
+
+def test_cholesky_inverse_and_spd_solve():
+    """cholesky_inverse(M) is the lower-triangular L⁻¹ of numpy's Cholesky factor (L⁻¹ M L⁻ᵀ = I) and
+    spd_solve(M, R) = numpy's solve; catches a transposed inverse and L⁻¹L⁻ᵀ in place of L⁻ᵀL⁻¹."""
+    rng = np.random.default_rng(6)
+    g = rng.normal(size=(5, 5))
+    m, r = g @ g.T + 0.5 * np.eye(5), rng.normal(size=(5, 3))
+    inv = np.asarray(cholesky_inverse(jnp.asarray(m)))
+    np.testing.assert_allclose(inv, np.linalg.inv(np.linalg.cholesky(m)), rtol=1e-10, atol=1e-12)
+    assert np.all(np.triu(inv, 1) == 0)
+    np.testing.assert_allclose(inv @ m @ inv.T, np.eye(5), atol=1e-10)
+    np.testing.assert_allclose(np.asarray(spd_solve(jnp.asarray(m), jnp.asarray(r))), np.linalg.solve(m, r),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_power_iteration_estimates_the_largest_eigenvalue():
+    """power_iteration on a PSD matrix with λ₁/λ₂ = 4 returns λ_max (numpy's eigvalsh), not √λ_max or ‖v‖, and
+    never more than it (a Rayleigh quotient)."""
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    m = q @ np.diag([9.0, 2.25, 1.0, 0.5, 0.2, 0.0]) @ q.T
+    est = float(power_iteration(lambda v: jnp.asarray(m) @ v, jnp.asarray(rng.normal(size=6)), iters=40))
+    true = np.linalg.eigvalsh(m)[-1]
+    assert est <= true * (1 + 1e-12)
+    np.testing.assert_allclose(est, true, rtol=1e-10)
