@@ -430,3 +430,48 @@ def test_outer_momentum_rejects_values_outside_0_1():
     for beta in (-0.1, 1.0):
         with pytest.raises(ValueError, match="outer_momentum"):
             LiftedConfig(outer_momentum=beta)
+
+
+# ---------------------------------------------------------------- audit additions
+def test_x_blocks_weight_the_downstream_term_by_lbd_coef():
+    """lbd_coef κ ≠ 1: numpy gradient of each X block vanishes (catches κ dropped from λ_next or the loss weight)."""
+    x, _, y = toy()
+    kappa = 0.3
+    tr = trainer(activation="leaky_relu", lbd_coef=kappa, **TIGHT)
+    params = init(2)
+    rng = np.random.default_rng(11)
+    xs = [jnp.asarray(z + 0.3 * rng.normal(size=z.shape)) for z in np_forward("leaky_relu", params, x)[0]]
+    p, inputs = as_np(params), [np.asarray(x), *(np.asarray(z) for z in xs)]
+    for l in (1, 3):
+        new, info = tr.x_block(l, params, xs, x, y)
+        assert np.all(np.asarray(info.result) == 0)  # Result.CONVERGED
+        v = np.asarray(new)
+        u_prev, u_next = inputs[l - 1] @ p[l - 1][0] + p[l - 1][1], v @ p[l][0] + p[l][1]
+        down = (LAMBDAS[l] * (np_phi("leaky_relu", u_next) - inputs[l + 1]) if l < 3
+                else np_softmax_ce(np.asarray(y), u_next)[1])
+        grad = LAMBDAS[l - 1] * (np.where(v >= 0, v, v / SLOPE) - u_prev) + kappa * down @ p[l][0].T
+        assert np.max(np.abs(grad)) <= 1e-7, (l, np.max(np.abs(grad)))
+
+
+def test_later_minibatch_rounds_keep_the_first_rounds_anchor():
+    """alternations=2: round-2 W blocks are optimal for the anchor W_t (catches anchor_is_start set after round 1)."""
+    sizes, rhos, proxes, lam = (5, 6, 3), (1e-3, 3e-3), (0.3, 0.1), 1.5
+    x, _, y = toy(n=4, seed=12, sizes=sizes)
+    tr = trainer(sizes, lambdas=lam, rho=rhos, rho_prox=proxes, alternations=2, x_tol=1e-10, x_max_steps=2000,
+                 w_tol=1e-10, w_max_steps=20000)
+    params = init(13, sizes)
+    new, xs, _ = jax.jit(tr._minibatch_rounds)(params, x, y)
+    inputs, n = [np.asarray(x), np.asarray(xs[0])], x.shape[0]
+
+    def hidden_fit(u):
+        return lam / n * np.sum(np_penalty("relu", u, inputs[1])), lam / n * (np.maximum(u, 0.0) - inputs[1])
+
+    def out_fit(u):
+        val, g = np_softmax_ce(np.asarray(y), u)
+        return np.mean(val), g / n
+
+    for l, fit in enumerate((hidden_fit, out_fit)):
+        fg = w_block_objective(inputs[l], sizes[l + 1], fit, rhos[l], params[l], proxes[l])
+        flat = np.concatenate([np.asarray(new[l]["kernel"]).ravel(), np.asarray(new[l]["bias"])])
+        assert np.linalg.norm(fg(flat)[1]) <= 1e-8, (l, np.linalg.norm(fg(flat)[1]))
+    assert float(jnp.max(jnp.abs(new[0]["kernel"] - params[0]["kernel"]))) > 1e-3  # the rounds moved W

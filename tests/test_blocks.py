@@ -806,7 +806,7 @@ LAM_OUT = np.array([0.4, 2.2, 1.0, 3.1])  # one per output neuron
 @pytest.mark.parametrize("act", ["relu", "sigmoid"])
 def test_x_hidden_block_with_per_neuron_lambdas(act):
     """Σ_ij λ_prev,j B(U_prev, X)_ij + Σ_ik λ_next,k B(XW + b, X_next)_ik: KKT and L-BFGS-B. Catches λ applied along
-    the wrong axis, a mean λ in place of the vector, or a step size from the mean instead of the largest λ."""
+    the wrong axis or a mean λ in place of the vector (a step size from the mean λ: the test below)."""
     pen = get_penalty(act)
     layer, u_prev, x_next, x0 = x_hidden_problem(act, 61)
     x, info = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, jnp.asarray(LAM_IN), jnp.asarray(LAM_OUT),
@@ -880,3 +880,103 @@ def test_importing_fenchel_gives_openblas_one_thread_unless_the_user_chose(prese
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+# ---------------------------------------------------------------- audit additions
+@pytest.mark.parametrize("w_mode, rho, anchored", [("kernel_mm", 0.0, True), ("primal_mm", 1e-2, True),
+                                                   ("primal_mm", 1e-2, False)])
+def test_mm_w_forms_take_one_exact_newton_step_on_the_squared_loss(w_mode, rho, anchored):
+    """One MM step on the quadratic squared-loss block lands on numpy's normal equations (catches a wrong majoriser)."""
+    # Hessian (1/N)ZᵀZ + diag(2(ρ + ρ'), 2ρ'), Z = [X 1], is the majoriser itself (kernel_mm's μ also weights the bias,
+    # so there ρ = 0): one step z = y − P⁻¹∇f(y) is Newton's and exact. N ≤ n_in: the kernel form applies.
+    n, n_in = 6, 10
+    x_in, y = rand(151, (n, n_in)), rand(152, (n, N_OUT))
+    layer = layer_of(153, n_in, N_OUT)
+    anchor, rho_prox = (layer_of(154, n_in, N_OUT, 0.5, 0.4), 0.2) if anchored else (None, 0.0)
+    p, info = solve_w_out(Dense(N_OUT), layer, x_in, y, rho, "squared", SolverConfig(tol=1e-14, max_steps=1), anchor,
+                          rho_prox, w_mode=w_mode)
+    assert int(info.steps) == 1
+    z = np.hstack([x_in, np.ones((n, 1))])
+    d = np.r_[np.full(n_in, 2.0 * (rho + rho_prox)), 2.0 * rho_prox]
+    theta_a = np.zeros((n_in + 1, N_OUT)) if anchor is None else np.vstack([anchor["kernel"], anchor["bias"]])
+    theta = np.linalg.solve(z.T @ z / n + np.diag(d), z.T @ y / n + 2.0 * rho_prox * theta_a)
+    np.testing.assert_allclose(p["kernel"], theta[:-1], atol=1e-8)
+    np.testing.assert_allclose(p["bias"], theta[-1], atol=1e-8)
+
+
+@pytest.mark.parametrize("w_mode", ["kernel", "kernel_mm"])
+def test_w_block_without_anchor_has_no_proximal_term_whatever_rho_prox(w_mode):
+    """Anchor None: kernel forms minimise fit + ρ‖W‖² (SciPy) whatever ρ' (catches ρ' in μ without an anchor)."""
+    n, n_in = 6, 10
+    x_in, y = rand(161, (n, n_in)), rand(162, (n, N_OUT))
+    layer, rho = layer_of(163, n_in, N_OUT), 2e-2
+    p, info = solve_w_out(Dense(N_OUT), layer, x_in, y, rho, "squared", TIGHT, None, 0.3, w_mode=w_mode)
+    assert int(info.result) == Result.CONVERGED
+    check_w_optimal(p, w_objective(x_in, N_OUT, out_fit("squared", y), rho))
+
+
+@pytest.mark.parametrize("loss", ["softmax", "squared"])
+def test_x_last_block_with_a_loss_weight(loss):
+    """κ ≠ 1 weights the X-last loss: KKT and L-BFGS-B (catches κ dropped from the objective or the step size)."""
+    act, kappa, lam_prev = "relu", 6.0, 0.9
+    layer = layer_of(171, N_IN, N_OUT, 0.6)
+    u_prev = rand(173, (N, N_IN), 1.5)
+    y = np.eye(N_OUT)[np.arange(N) % N_OUT] if loss == "softmax" else rand(174, (N, N_OUT))
+    x0 = domain_point(act, rand(175, (N, N_IN)))
+    x, info = solve_x_last(get_penalty(act), x0, u_prev, Dense(N_OUT), layer, y, lam_prev, loss, TIGHT,
+                           loss_weight=kappa)
+    assert np.all(np.asarray(info.result) == Result.CONVERGED)
+    w, b = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+
+    def fg(flat):
+        z = flat.reshape(N, N_IN)
+        lv, lg = ref_loss(loss, y, z @ w + b)
+        val = kappa * np.sum(lv) + lam_prev * np.sum(ref_B(act, u_prev, z))
+        return val, (kappa * lg @ w.T + lam_prev * (ref_dG(act, z) - u_prev)).ravel()
+
+    check_x_optimal(act, x, fg)
+
+
+def test_x_hidden_block_step_size_takes_the_largest_per_neuron_lambda():
+    """Per-neuron λ_next with a large spread: KKT and L-BFGS-B (catches a step size from mean λ, not max λ)."""
+    act = "leaky_relu"
+    pen = get_penalty(act)
+    lam_prev, lam_next = 0.5, np.array([0.05, 0.05, 0.05, 8.0])
+    w = rand(181, (N_IN, N_OUT), 0.1)
+    w[:, 3] = 1.5 * rand(182, (N_IN,))  # the dominant column, the one with the large λ
+    b = np.array([0.0, 0.0, 0.0, 3.0])
+    u_prev = rand(183, (N, N_IN), 1.5)
+    x_next = domain_point(act, rand(184, (N, N_OUT), 1.5))
+    x0 = domain_point(act, rand(185, (N, N_IN)))
+    layer = {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
+    x, info = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, lam_prev, jnp.asarray(lam_next), TIGHT)
+    assert np.all(np.asarray(info.result) == Result.CONVERGED)
+
+    def fg(flat):
+        z = flat.reshape(N, N_IN)
+        u = z @ w + b
+        val = lam_prev * np.sum(ref_B(act, u_prev, z)) + np.sum(lam_next * ref_B(act, u, x_next))
+        grad = lam_prev * (ref_dG(act, z) - u_prev) + (lam_next * (ref_phi(act, u) - x_next)) @ w.T
+        return val, grad.ravel()
+
+    check_x_optimal(act, x, fg)
+
+
+def test_x_block_in_row_chunks_reports_the_steps_of_a_slowest_row_in_the_remainder():
+    """Chunked X solve reports the slowest row's steps, here the remainder's (catches the remainder's steps dropped)."""
+    pen = get_penalty("leaky_relu")
+    layer, u_prev, x_next, x0 = x_hidden_problem("leaky_relu", 41)
+    x0 = x0.copy()
+    x0[-1] = 1e4
+    cfg = SolverConfig(tol=1e-8, max_steps=300)
+
+    def steps_alone(x, u, v):  # one row as its own block (vmapped: each row keeps its own iteration count)
+        return blocks.solve_x_hidden(pen, x[None], u[None], Dense(N_OUT), layer, v[None], 0.8, 1.7, cfg)[1].steps
+
+    alone = np.asarray(jax.jit(jax.vmap(steps_alone))(x0, u_prev, x_next)).tolist()
+    assert alone[-1] > max(alone[:-1]), alone
+    whole = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, 0.8, 1.7, cfg)
+    chunked = solve_x_hidden(pen, x0, u_prev, Dense(N_OUT), layer, x_next, 0.8, 1.7,
+                             SolverConfig(tol=1e-8, max_steps=300, chunk_bytes=2 * N_IN * 8))
+    assert int(chunked[1].steps) == int(whole[1].steps) == alone[-1]
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-12, atol=1e-12)

@@ -262,3 +262,32 @@ def test_dual_run_logs_lambda_and_gap_and_resumes_exactly(tmp_path, granularity)
         validate_config(_tiny(lambda_update="primal"))
     with pytest.raises(ValueError, match="lambda_max"):
         validate_config(_tiny(lambda_max=1.0))
+
+
+# ---------------------------------------------------------------- audit additions
+def test_per_neuron_dual_ascent_is_capped_at_lambda_max():
+    """Per-neuron dual ascent is min(λ + η p, λ_max) by numpy (catches the λ_max cap dropped per neuron)."""
+    layers = mlp((4, 6, 5, 3))
+    params = init_params(jax.random.PRNGKey(1), layers, (4,), jnp.float64)
+    x0, _ = _data(20, 4, 3)
+    (w0, b0), (w1, b1), _ = _np(params)
+    u0 = np.asarray(x0) @ w0 + b0
+    x1 = np.maximum(u0, 0.0) + 0.3 * np.abs(np.random.default_rng(2).normal(size=(20, 6)))
+    x2 = np.maximum(x1 @ w1 + b1, 0.0) + 0.1 * np.abs(np.random.default_rng(3).normal(size=(20, 5)))
+    p1, p2 = np.mean(np_relu_penalty(u0, x1), axis=0), np.mean(np_relu_penalty(x1 @ w1 + b1, x2), axis=0)
+    step, start = 2.0, 3.0
+    lam_max = start + step * float(np.median(np.r_[p1, p2]))  # some neurons above the cap, some below
+    trainer = LiftedTrainer(LiftedConfig(lambda_update="dual", lambda_granularity="neuron", lambda_step=step,
+                                         lambda_max=lam_max), layers)
+    new = trainer.next_lambdas(trainer.init(params)[1], params, [jnp.asarray(x1), jnp.asarray(x2)], x0)
+    for got, p in zip(new, (p1, p2)):
+        np.testing.assert_allclose(np.asarray(got), np.minimum(start + step * p, lam_max), rtol=1e-12)
+    assert any(np.any(start + step * p > lam_max) for p in (p1, p2))
+    assert any(np.any(start + step * p < lam_max) for p in (p1, p2))
+
+
+def test_config_rejects_a_non_positive_lambda_step():
+    """LiftedConfig rejects lambda_step ≤ 0 (catches a validation that accepts a zero step)."""
+    for step in (0.0, -0.5):
+        with pytest.raises(ValueError, match="lambda_step"):
+            LiftedConfig(lambda_update="dual", lambda_step=step)
