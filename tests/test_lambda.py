@@ -36,6 +36,15 @@ def _np(params):
     return [(np.asarray(p["kernel"]), np.asarray(p["bias"])) for p in params]
 
 
+def _two_hidden_layers():
+    """4-6-5-3 ReLU network in float64, 20 samples: (layers, params, x0, [(W, b) per layer as numpy], U_0)."""
+    layers = mlp((4, 6, 5, 3))
+    params = init_params(jax.random.PRNGKey(1), layers, (4,), jnp.float64)
+    x0, _ = _data(20, 4, 3)
+    weights = _np(params)
+    return layers, params, x0, weights, np.asarray(x0) @ weights[0][0] + weights[0][1]
+
+
 # ---------------------------------------------------------------- the updates
 def test_dual_ascent_adds_step_times_each_layers_mean_penalty_and_never_decreases():
     layers = mlp((4, 6, 5, 3))
@@ -57,11 +66,7 @@ def test_dual_ascent_adds_step_times_each_layers_mean_penalty_and_never_decrease
 def test_per_neuron_dual_ascent_adds_each_neurons_mean_penalty():
     """λ_l,j ← min(λ_l,j + η p_l,j, λ_max), p_l,j = (1/N) Σ_i B(U_l, X_l+1)_ij by numpy: a neuron on the graph keeps
     its λ, the others grow by their own penalty (not the layer's), and the layer sums match the per-layer rule."""
-    layers = mlp((4, 6, 5, 3))
-    params = init_params(jax.random.PRNGKey(1), layers, (4,), jnp.float64)
-    x0, _ = _data(20, 4, 3)
-    (w0, b0), (w1, b1), _ = _np(params)
-    u0 = np.asarray(x0) @ w0 + b0
+    layers, params, x0, ((w0, b0), (w1, b1), _), u0 = _two_hidden_layers()
     x1 = np.maximum(u0, 0.0) + 0.2 * np.abs(np.random.default_rng(0).normal(size=(20, 6)))
     x1[:, 2] = np.maximum(u0[:, 2], 0.0)  # neuron 2 of layer 1 on the graph: p = 0
     x2 = np.maximum(x1 @ w1 + b1, 0.0) + 0.1 * np.abs(np.random.default_rng(1).normal(size=(20, 5)))
@@ -267,11 +272,7 @@ def test_dual_run_logs_lambda_and_gap_and_resumes_exactly(tmp_path, granularity)
 # ---------------------------------------------------------------- audit additions
 def test_per_neuron_dual_ascent_is_capped_at_lambda_max():
     """Per-neuron dual ascent is min(λ + η p, λ_max) by numpy (catches the λ_max cap dropped per neuron)."""
-    layers = mlp((4, 6, 5, 3))
-    params = init_params(jax.random.PRNGKey(1), layers, (4,), jnp.float64)
-    x0, _ = _data(20, 4, 3)
-    (w0, b0), (w1, b1), _ = _np(params)
-    u0 = np.asarray(x0) @ w0 + b0
+    layers, params, x0, ((w0, b0), (w1, b1), _), u0 = _two_hidden_layers()
     x1 = np.maximum(u0, 0.0) + 0.3 * np.abs(np.random.default_rng(2).normal(size=(20, 6)))
     x2 = np.maximum(x1 @ w1 + b1, 0.0) + 0.1 * np.abs(np.random.default_rng(3).normal(size=(20, 5)))
     p1, p2 = np.mean(np_relu_penalty(u0, x1), axis=0), np.mean(np_relu_penalty(x1 @ w1 + b1, x2), axis=0)

@@ -12,6 +12,7 @@ with residual L·‖y_k − z_k‖_∞; nothing from the library computes an exp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import optimize
 
 from fenchel.solvers import FISTA, Composite, Result, cholesky_inverse, gram_majoriser, power_iteration, spd_solve
@@ -60,32 +61,20 @@ def numpy_fista(a, b, lip, x0, steps, restart, tol):
     return out
 
 
-def test_fista_iterates_without_restart_match_the_numpy_reference():
-    """30 plain FISTA steps (restart off) take the reference's x, y, t and residual; catches a wrong momentum
-    update (t_{k+1} from t instead of t², β from t_{k+1}, y extrapolated along z − y) or a residual without L."""
-    a, b, lip = box_qp(0)
-    tol = 1e-300  # never met: 30 steps of momentum
-    solver = FISTA(tol=tol, max_steps=1000, restart=False)
+@pytest.mark.parametrize("restart, seed, steps", [(False, 0, 30), (True, 3, 60)])
+def test_fista_iterates_match_the_numpy_reference(restart, seed, steps):
+    """Plain FISTA (30 steps) and FISTA with adaptive restart (60 steps, restarting at some steps but not all) take
+    the reference's x, y, t and residual at every step; catches a wrong momentum update (t_{k+1} from t instead of
+    t², β from t_{k+1}, y extrapolated along z − y), a residual without L, a restart test of the wrong sign and a
+    restart that zeroes β but keeps the grown t."""
+    a, b, lip = box_qp(seed)
+    tol = 1e-300  # never met: every step is taken
+    solver = FISTA(tol=tol, max_steps=1000, restart=restart)
     problem, x0 = composite(a, b, rows=False), np.zeros(len(b))
-    state, update = solver.init(problem, jnp.asarray(x0), lip), jax.jit(lambda s: solver.update(problem, s, lip))
-    for k, (x, y, t, res, _) in enumerate(numpy_fista(a, b, lip, x0, 30, restart=False, tol=tol)):
-        state = update(state)
-        np.testing.assert_allclose(np.asarray(state.x), x, rtol=1e-9, atol=1e-12, err_msg=f"x, step {k}")
-        np.testing.assert_allclose(np.asarray(state.y), y, rtol=1e-9, atol=1e-12, err_msg=f"y, step {k}")
-        np.testing.assert_allclose(float(state.t), t, rtol=1e-12, err_msg=f"t, step {k}")
-        np.testing.assert_allclose(float(state.residual), res, rtol=1e-9, atol=1e-12, err_msg=f"residual, step {k}")
-
-
-def test_fista_adaptive_restart_matches_the_numpy_reference():
-    """With restart on, 60 steps take the reference iterates, and the reference restarts at some steps but not at
-    all; catches a restart test of the wrong sign and a restart that zeroes β but keeps the grown t."""
-    a, b, lip = box_qp(3)
-    tol = 1e-300
-    solver = FISTA(tol=tol, max_steps=1000, restart=True)
-    problem, x0 = composite(a, b, rows=False), np.zeros(len(b))
-    ref = numpy_fista(a, b, lip, x0, 60, restart=True, tol=tol)
-    n_restarts = sum(r[4] for r in ref)
-    assert 0 < n_restarts < 30, n_restarts  # the case is present, and restart is not every step
+    ref = numpy_fista(a, b, lip, x0, steps, restart=restart, tol=tol)
+    if restart:
+        n_restarts = sum(r[4] for r in ref)
+        assert 0 < n_restarts < steps // 2, n_restarts  # the case is present, and restart is not every step
     state, update = solver.init(problem, jnp.asarray(x0), lip), jax.jit(lambda s: solver.update(problem, s, lip))
     for k, (x, y, t, res, _) in enumerate(ref):
         state = update(state)
