@@ -245,28 +245,26 @@ def section_budgets(args, out: dict) -> None:
     if warm + n > len(batches):
         raise ValueError(f"--budget-warm-steps + --budget-steps = {warm + n} exceeds the {len(batches)} batches of "
                          "an epoch")
-    start = {}
-    for label, job in (("lifted", lifted), ("adam", adam)):  # each trainer's own state after `warm` steps
-        step, state = loop.step_on_rows(job.trainer), job.trainer.init(job.params0)
-        for idx in batches[:warm]:
+
+    def run(trainer, state, idxs=batches[warm:warm + n]):
+        step = loop.step_on_rows(trainer)
+        for idx in idxs:
             state = step(state, x, y, idx)[0]
-        start[label] = jax.block_until_ready(state)
+        return state
+
+    # each trainer's own state after `warm` steps
+    start = {label: jax.block_until_ready(run(job.trainer, job.trainer.init(job.params0), batches[:warm]))
+             for label, job in (("lifted", lifted), ("adam", adam))}
     jobs = {"adam": (adam.trainer, start["adam"])}
     for xs, ws in grid:
         tr = LiftedTrainer(dataclasses.replace(lifted.trainer.config, x_max_steps=xs, w_max_steps=ws),
                            lifted.trainer.layers)
         jobs[f"{xs}/{ws}"] = (tr, start["lifted"])
-
-    def run(trainer, state):
-        step = loop.step_on_rows(trainer)
-        for idx in batches[warm:warm + n]:
-            state = step(state, x, y, idx)[0]
-        return state
-
     times = timed_alternating({label: (run, job) for label, job in jobs.items()}, reps=args.reps)
-    adam_s = times["adam"]["median_s"] / n
-    rows = [{"x_max_steps": xs, "w_max_steps": ws, "step_s": times[f"{xs}/{ws}"]["median_s"] / n,
-             "over_adam": times[f"{xs}/{ws}"]["median_s"] / n / adam_s} for xs, ws in grid]
+    step_s = {label: t["median_s"] / n for label, t in times.items()}
+    adam_s = step_s["adam"]
+    rows = [{"x_max_steps": xs, "w_max_steps": ws, "step_s": step_s[f"{xs}/{ws}"],
+             "over_adam": step_s[f"{xs}/{ws}"] / adam_s} for xs, ws in grid]
     fit = linear_cost_fit(grid, [r["step_s"] for r in rows])
     out["budgets"] = {"architecture": "784-300-10", "batch": 100, "warm_steps": warm, "steps": n,
                       "adam_step_s": adam_s, "rows": rows, "fit": fit, "fixed_over_adam": fit["fixed_s"] / adam_s}
@@ -545,6 +543,8 @@ def main(argv=None):
             parse_budget_grid(args.budget_grid)
         except ValueError as err:
             p.error(str(err))
+        if args.budget_warm_steps < 0 or args.budget_steps < 1:
+            p.error("--budget-warm-steps must be ≥ 0 and --budget-steps ≥ 1")
     out = {"machine": machine(), "lifted_iterations": lifted_iterations(args)}
     for name in SECTIONS:
         if name in sections:
