@@ -245,6 +245,16 @@ class FISTA:
             warm=new_warm,
         )
 
+    def iterate(self, problem: Composite, state: FISTAState, lipschitz) -> FISTAState:
+        """`update` under `lax.while_loop` from `state` until every problem has converged, `state.step` reaches
+        max_steps, or a non-finite value appears. A state whose first steps were taken otherwise (in closed form,
+        say) resumes here with its step count, momentum and residual."""
+
+        def cond(s):
+            return (s.step < self.max_steps) & ~jnp.all(s.done) & ~s.nonfinite
+
+        return jax.lax.while_loop(cond, lambda s: self.update(problem, s, lipschitz), state)
+
     def run(self, problem: Composite, x0: PyTree, lipschitz, value0=None) -> tuple[PyTree, SolveInfo]:
         """Minimise f + g from the feasible x0 with step 1/lipschitz.
 
@@ -252,24 +262,23 @@ class FISTA:
         evaluation (e.g. in closed form); None evaluates it. The safeguard compares the result against it.
         """
         lipschitz = jnp.asarray(lipschitz, _leaves(x0)[0].dtype)
-        state = self.init(problem, x0, lipschitz)
-
-        def cond(s):
-            return (s.step < self.max_steps) & ~jnp.all(s.done) & ~s.nonfinite
-
-        state = jax.lax.while_loop(cond, lambda s: self.update(problem, s, lipschitz), state)
+        state = self.iterate(problem, self.init(problem, x0, lipschitz), lipschitz)
         if value0 is None:
             value0 = problem.smooth(x0) + problem.nonsmooth(x0)
         value = problem.smooth(state.x) + problem.nonsmooth(state.x)
         better = jnp.isfinite(value) & (value <= value0)
         x = _select(better, state.x, x0, self.row_separable)
         value = jnp.where(better, value, value0)
-        result = jnp.where(
-            state.nonfinite | ~jnp.isfinite(state.residual),
-            Result.NONFINITE,
-            jnp.where(state.done, Result.CONVERGED, Result.MAX_STEPS),
-        ).astype(jnp.int32)
-        return x, SolveInfo(result=result, residual=state.residual, steps=state.step, value=value)
+        return x, SolveInfo(result=result_code(state), residual=state.residual, steps=state.step, value=value)
+
+
+def result_code(state: FISTAState) -> jax.Array:
+    """Why the iterations of `state` stopped (`Result`), per row when row-separable."""
+    return jnp.where(
+        state.nonfinite | ~jnp.isfinite(state.residual),
+        Result.NONFINITE,
+        jnp.where(state.done, Result.CONVERGED, Result.MAX_STEPS),
+    ).astype(jnp.int32)
 
 
 def gram_majoriser(a: jax.Array, curvature, diag: jax.Array) -> jax.Array:
