@@ -1004,3 +1004,59 @@ def test_kernel_mm_first_residual_in_float32_when_the_anchor_is_the_start():
     p = lam / n * z.T @ z + 2.0 * (rho + rho_prox) * np.eye(n_in + 1)  # c = λ/N·1 for ReLU
     expected = np.sqrt(np.sum(g * np.linalg.solve(p, g)))
     assert float(info.residual) == pytest.approx(expected, rel=1e-3)
+
+
+def mm_fista_reference(fg, theta0, p_mat, steps):
+    """FISTA in the metric P, step 1 (z = y − P⁻¹∇f(y)), with gradient restart ⟨y − z, z − x⟩_P > 0, in numpy on
+    Θ = [W; bᵀ]; fg(Θ) → (value, ∇Θ). Returns the iterates x_1..x_steps, the residuals ‖y − z‖_P and restart flags."""
+    x = y = theta0
+    t = 1.0
+    xs, residuals, restarts = [], [], []
+    for _ in range(steps):
+        z = y - np.linalg.solve(p_mat, fg(y)[1])
+        d = y - z
+        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+        beta = (t - 1.0) / t_next
+        restart = np.sum((z - x) * (p_mat @ d)) > 0
+        if restart:
+            t_next, beta = 1.0, 0.0
+        y, x, t = z + beta * (z - x), z, t_next
+        xs.append(x)
+        residuals.append(np.sqrt(np.sum(d * (p_mat @ d))))
+        restarts.append(restart)
+    return xs, residuals, restarts
+
+
+@pytest.mark.parametrize("anchor_is_start", [True, False])
+def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start):
+    """kernel_mm after k steps against a numpy MM-FISTA on (W, b) with P = c·[X 1]ᵀ[X 1] + μI (μ on the bias too),
+    k = 1..8, a restart among them (catches the closed-form first step's momentum, a wrong W_a coefficient c* of the
+    later iterates, or a wrong inner product in the reduced loop's restart test or residual)."""
+    pen = get_penalty("relu")
+    x_in, x_out, layer = (np.asarray(a) if not isinstance(a, dict) else {k: np.asarray(v) for k, v in a.items()}
+                          for a in kernel_form_problem())
+    lam, rho, rho_prox = 0.5, 1e-2, 0.3
+    anchor = layer if anchor_is_start else {"kernel": layer["kernel"] + rand(191, layer["kernel"].shape, 0.2),
+                                            "bias": layer["bias"] - 0.1}
+    n, n_in = x_in.shape
+    flat = w_objective(x_in, N_OUT, hidden_fit("relu", x_out, lam), rho, anchor, rho_prox)
+
+    def fg(theta):
+        val, g = flat(np.concatenate([theta[:-1].ravel(), theta[-1]]))
+        return val, np.vstack([g[:n_in * N_OUT].reshape(n_in, N_OUT), g[n_in * N_OUT:]])
+
+    z = np.hstack([x_in, np.ones((n, 1))])
+    p_mat = lam / n * z.T @ z + 2.0 * (rho + rho_prox) * np.eye(n_in + 1)
+    theta0 = np.vstack([layer["kernel"], layer["bias"]])
+    xs, residuals, restarts = mm_fista_reference(fg, theta0, p_mat, 8)
+    assert any(restarts[1:]), "the problem should exercise the restart"
+    jx = {k: jnp.asarray(v) for k, v in layer.items()}
+    ja = jx if anchor_is_start else {k: jnp.asarray(v) for k, v in anchor.items()}
+    for k in range(1, 9):
+        p, info = solve_w_hidden(pen, Dense(N_OUT), jx, jnp.asarray(x_in), jnp.asarray(x_out), lam, rho,
+                                 SolverConfig(tol=1e-14, max_steps=k), ja, rho_prox, w_mode="kernel_mm",
+                                 anchor_is_start=anchor_is_start)
+        assert int(info.steps) == k
+        expected = xs[k - 1] if fg(xs[k - 1])[0] <= fg(theta0)[0] else theta0  # the safeguard
+        np.testing.assert_allclose(np.vstack([p["kernel"], p["bias"]]), expected, atol=1e-10, err_msg=f"step {k}")
+        assert float(info.residual) == pytest.approx(residuals[k - 1], rel=1e-8)
