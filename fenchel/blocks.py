@@ -504,6 +504,7 @@ def solve_w_kernel_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
                         inner=inner_p, norm=lambda p: jnp.sqrt(jnp.maximum(inner_p(p, p), 0.0)))
     solver = FISTA(cfg.tol, cfg.max_steps)
     dtype = rep.w0.dtype
+    # FISTA's state after that step: x = y = z (its momentum β = 0), t = (1 + √5)/2 (the update of t = 1), step 1
     state = FISTAState(x=first, y=first, t=jnp.asarray(0.5 * (1.0 + 5.0**0.5), dtype), residual=residual,
                        done=residual <= cfg.tol, step=jnp.ones((), jnp.int32), nonfinite=~jnp.isfinite(residual))
     state = solver.iterate(problem, state, 1.0)
