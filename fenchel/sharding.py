@@ -159,5 +159,10 @@ class ShardedTrainer(Trainer):
         return self.trainer.params(state)
 
     def metrics(self, state, x, y) -> dict:
-        n = x.shape[0] - x.shape[0] % self.parallel.size
-        return self.trainer.metrics(state, self.parallel.shard(x[:n]), self.parallel.shard(y[:n]))
+        """`trainer.metrics` on all rows of (x, y): sharded over samples when their count splits evenly over
+        the data axis, else on this process's first device (every process computes the same figures)."""
+        if x.shape[0] % self.parallel.size == 0:
+            return self.trainer.metrics(state, self.parallel.shard(x), self.parallel.shard(y))
+        device = jax.local_devices()[0]
+        state = jax.device_put(jax.device_get(state), device)
+        return self.trainer.metrics(state, jax.device_put(x, device), jax.device_put(y, device))

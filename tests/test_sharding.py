@@ -72,6 +72,22 @@ def test_sharded_minibatch_training_equals_one_device(schedule, net):
     _close(sharded.metrics(s8, x[:48], y[:48]), single.metrics(s1, x[:48], y[:48]))
 
 
+def test_sharded_metrics_use_every_row_when_the_rows_do_not_split_over_the_devices():
+    """50 rows on 8 devices: the metrics are the one-device figures on all 50 rows, not on the 48 that split
+    evenly (dropping them changed the logged objective silently)."""
+    x, y = _data(50, (5,), 3)
+    params = init_params(jax.random.PRNGKey(1), MLP, (5,), jnp.float64)
+    config = LiftedConfig(w_mode="primal_mm", bound_max_sweeps=3)
+    single = LiftedTrainer(config, MLP)
+    sharded = DataParallel(data_mesh(8)).wrap(LiftedTrainer(config, MLP))
+    s1, s8 = single.step(single.init(params), x[:16], y[:16])[0], sharded.step(sharded.init(params), x[:16], y[:16])[0]
+    all_rows, first_48 = single.metrics(s1, x, y), single.metrics(s1, x[:48], y[:48])
+    assert abs(all_rows["lifted_objective"] - first_48["lifted_objective"]) > 1e-6  # the two rows matter
+    got = sharded.metrics(s8, x, y)
+    assert got.keys() == all_rows.keys()
+    _close(got, all_rows)
+
+
 def test_sharded_lifted_trainer_keeps_its_guided_head():
     """wrap() rebuilds an auto-form LiftedTrainer for the mesh; a GuideBP head (state: weakness scores) must
     survive, and the sharded guided steps equal the one-device ones."""
