@@ -272,3 +272,40 @@ def test_data_mesh_spans_the_requested_devices():
     mesh = data_mesh(4)
     assert mesh.shape == {"data": 4} and list(mesh.devices) == jax.devices()[:4]
     assert DataParallel(mesh).batch.spec == P("data")
+
+
+@pytest.mark.parametrize("mesh_data, size", [(0, 8), (4, 4), (1, None)])
+def test_launcher_mesh_data_zero_means_every_device(mesh_data, size):
+    """mesh_data=0 shards over all devices (8 here), n over n, and 1 runs unsharded."""
+    from experiments.configs_util import load_config
+    from experiments.train import Job
+
+    config = load_config(ROOT / "configs" / "tiny.py")
+    config.update(dict(mesh_data=mesh_data, train_size=200, test_size=40, batch_size=40))
+    job = Job(config)
+    if size is None:
+        assert job.parallel is None and not isinstance(job.trainer, ShardedTrainer)
+    else:
+        assert job.parallel.size == size and isinstance(job.trainer, ShardedTrainer)
+        assert job.trainer.parallel is job.parallel
+
+
+def test_step_on_rows_runs_the_sharded_program():
+    """The epoch loop's gather-and-step goes through the sharded program, with the batch split over samples."""
+    x, y = _data(32, (5,), 3)
+    params = init_params(jax.random.PRNGKey(1), MLP, (5,), jnp.float64)
+    sharded = DataParallel(data_mesh(8)).wrap(
+        GradientTrainer(MLP, activation_penalty("relu"), make_optimizer("adam", 1e-2)))
+    seen = []
+    program = sharded._step
+
+    def spy(state, xb, yb):
+        seen.append((xb.sharding, yb.sharding))
+        return program(state, xb, yb)
+
+    sharded._step = spy
+    state = sharded.init(params)
+    idx = jnp.arange(8, 24)
+    got = sharded.step_on_rows(state, x, y, idx)[0]
+    assert seen == [(sharded.parallel.batch, sharded.parallel.batch)]
+    _close(got, sharded.step(state, x[8:24], y[8:24])[0])
