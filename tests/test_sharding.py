@@ -309,3 +309,24 @@ def test_step_on_rows_runs_the_sharded_program():
     got = sharded.step_on_rows(state, x, y, idx)[0]
     assert seen == [(sharded.parallel.batch, sharded.parallel.batch)]
     _close(got, sharded.step(state, x[8:24], y[8:24])[0])
+
+
+def test_data_mesh_takes_the_same_number_of_devices_from_each_process(monkeypatch):
+    """Two simulated hosts of 4 devices: all 8 by default, and a mesh of 4 takes the first 2 of each host (a
+    mesh of devices[:4] would leave host 1 without a shard of the batch)."""
+    import types
+
+    from fenchel import sharding
+
+    devices = [types.SimpleNamespace(id=i, process_index=i // 4, platform="cpu") for i in range(8)]
+    meshes = []
+    monkeypatch.setattr(jax, "devices", lambda: devices)
+    monkeypatch.setattr(jax, "local_devices", lambda: devices[:4])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "make_mesh", lambda shape, names, axis_types=None, devices=None:
+                        meshes.append((shape, [d.id for d in devices])))
+    sharding.data_mesh(None)
+    sharding.data_mesh(4)
+    assert meshes == [((8,), list(range(8))), ((4,), [0, 1, 4, 5])]
+    with pytest.raises(ValueError, match="same number of devices in each of the 2 processes"):
+        sharding.data_mesh(3)
