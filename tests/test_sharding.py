@@ -277,10 +277,10 @@ def test_data_mesh_spans_the_requested_devices():
 @pytest.mark.parametrize("mesh_data, size", [(0, 8), (4, 4), (1, None)])
 def test_launcher_mesh_data_zero_means_every_device(mesh_data, size):
     """mesh_data=0 shards over all devices (8 here), n over n, and 1 runs unsharded."""
-    from experiments.configs_util import load_config
+    from configs import tiny
     from experiments.train import Job
 
-    config = load_config(ROOT / "configs" / "tiny.py")
+    config = tiny.get_config()
     config.update(dict(mesh_data=mesh_data, train_size=200, test_size=40, batch_size=40))
     job = Job(config)
     if size is None:
