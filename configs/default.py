@@ -46,6 +46,7 @@ def get_config():
     c.progress = True  # tqdm progress bar with ETA
     # devices (see fenchel/sharding.py; results equal the one-device run's up to float rounding)
     c.mesh_data = 1  # devices on the data-parallel mesh axis (0: all); batch_size must be a multiple
+    c.mesh_model = 1  # devices on the model axis: hidden layers' neurons split over them (a width must divide)
     c.distributed = False  # multi-host: jax.distributed.initialize() first; process 0 alone writes the workdir
     c.coordinator_address = ""  # distributed: "host:port" of process 0 ("": detected from the cluster)
     c.num_processes = 0  # distributed: 0 = detected

@@ -42,13 +42,13 @@ from fenchel.layers import Dense, architecture_name, init_params, parse_layers, 
 from fenchel.lifted import LOSSES, loss_per_sample
 from fenchel.models import evaluate, make_network, to_flax
 from fenchel.penalties import ACTIVATIONS, activation_penalty
-from fenchel.sharding import DataParallel, data_mesh
+from fenchel.sharding import DataParallel, device_mesh
 
 # Fields that may change between launches of one run: the progress bar, the devices (a sharded run's results
 # equal the one-device run's up to the order of floating-point sums), stack_layers and x_chunk_bytes (likewise),
 # and bound_max_sweeps (what the logged relaxation bound costs; training is the same).
-NOT_IDENTITY = ("progress", "stack_layers", "bound_max_sweeps", "x_chunk_bytes", "mesh_data", "distributed",
-                "coordinator_address", "num_processes", "process_id")
+NOT_IDENTITY = ("progress", "stack_layers", "bound_max_sweeps", "x_chunk_bytes", "mesh_data", "mesh_model",
+                "distributed", "coordinator_address", "num_processes", "process_id")
 PENALTY_TOLERANCE = 1e-6  # a logged penalty below −this is a numerical breakdown (B ≥ 0 in exact arithmetic)
 
 
@@ -104,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              "rounds the W blocks of a minibatch are not one move each and the staircase cannot be rebuilt")
         need(c.record_every == 1, f"record_staircase=True needs record_every=1 (got {c.record_every})")
     need(c.mesh_data >= 0, f"mesh_data={c.mesh_data} must be ≥ 0 (0: all devices)")
+    need(c.mesh_model >= 1, f"mesh_model={c.mesh_model} must be ≥ 1 (1: no model axis)")
     need(c.mesh_data <= 1 or c.batch_size % c.mesh_data == 0,
          f"batch_size={c.batch_size} is not divisible by mesh_data={c.mesh_data}; use a multiple of {c.mesh_data}")
     need(c.num_processes >= 0 and c.process_id >= -1,
@@ -172,8 +173,8 @@ class Job:
         self.spec = TRAINERS[c.trainer]
         self.trainer = self.spec.build(c, self.layers, self.penalty)
         self.parallel = None
-        if c.mesh_data != 1:  # data parallel over a device mesh
-            self.parallel = DataParallel(data_mesh(c.mesh_data or None))
+        if c.mesh_data != 1 or c.mesh_model != 1:  # data (and model) parallel over a device mesh
+            self.parallel = DataParallel(device_mesh(c.mesh_data or None, c.mesh_model))
             self.parallel.check_batch_size(c.batch_size)
             self.trainer = self.parallel.wrap(self.trainer)
         model = self.model
@@ -274,6 +275,8 @@ class _Run:
         return {"epoch": 0, "wall": 0.0, "initial_loss": 0.0, "state": self.job.trainer.init(self.job.params0)}
 
     def save(self, ckpt: dict) -> None:
+        if self.job.parallel is not None:  # every process gathers a model-sharded state (a collective)
+            ckpt = {**ckpt, "state": self.job.trainer.host_state(ckpt["state"])}
         meta = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["epoch"]) * self.job.steps_per_epoch,
                 "config_hash": self.hash, "trainer": self.config.trainer}
         self.workdir.save_checkpoint(flax.serialization.to_bytes(ckpt), meta)

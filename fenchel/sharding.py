@@ -16,10 +16,21 @@ to `primal_mm` (whose (n_in + 1)² factor is computed once per solve from the
 all-reduced majoriser); an explicit kernel form is still honoured, and still
 correct, at the price of that all-gather.
 
+Model parallel (optional): a second mesh axis `model` shards each hidden
+layer's output neurons (the last axis of its kernel and its bias, and of the
+optimiser state that mirrors them) when the layer's width divides by the
+axis size. W blocks separate over output neurons, so a hidden W block's
+solve splits into independent column groups; the X blocks and the output
+layer, which couple neurons, get their partial sums and gathers from XLA's
+partitioner. The result equals the one-device update up to the order of
+floating-point sums, and each device holds 1/model of the wide layers'
+weights (`device_mesh(data, model)`, the launcher's `--config.mesh_model`).
+
 Multi-host: call `jax.distributed.initialize()` first (the launcher does so
 with `--config.distributed=True`); the mesh then spans every process's
 devices, each process computes the same batch indices and places only its
-own rows (`DataParallel.place_batch`), and process 0 alone writes files.
+own rows (`DataParallel.place_batch`), and process 0 alone writes files. The
+model axis stays within each process.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,35 +47,95 @@ from jax.sharding import PartitionSpec as P
 from fenchel.trainer import StepInfo, Trainer
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 
 def data_mesh(n_devices: Optional[int] = None) -> Mesh:
     """A 1-D mesh with axis `data` over the first `n_devices` of all processes' devices (all by default)."""
+    return device_mesh(n_devices, 1)
+
+
+def device_mesh(data: Optional[int] = None, model: int = 1) -> Mesh:
+    """A mesh of `data` × `model` devices, the same number from each process: axis `data` alone when
+    model = 1, else axes (`data`, `model`) with each process's devices on whole rows of `model` devices.
+    data None or 0: every device JAX sees, divided by `model`."""
     devices = jax.devices()
-    n = len(devices) if not n_devices else int(n_devices)
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"a data mesh of {n} devices needs 1 ≤ n ≤ {len(devices)}, the devices JAX sees "
-                         f"({devices[0].platform}); on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8 "
-                         "(set before JAX starts) gives 8")
-    if n % jax.process_count():
-        raise ValueError(f"a data mesh of {n} devices must have the same number of devices in each of the "
-                         f"{jax.process_count()} processes")
-    per_process = n // jax.process_count()
-    chosen = [d for p in range(jax.process_count()) for d in
-              [d for d in devices if d.process_index == p][:per_process]]
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
+    model = int(model)
+    if model < 1:
+        raise ValueError(f"a model axis of {model} devices: it needs at least 1")
+    data = len(devices) // model if not data else int(data)
+    n = data * model
+    if not (data >= 1 and n <= len(devices)):
+        raise ValueError(f"a mesh of {data} × {model} (data × model) devices needs 1 ≤ data · model ≤ "
+                         f"{len(devices)}, the devices JAX sees ({devices[0].platform}); on a CPU, "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before JAX starts) gives 8")
+    processes = jax.process_count()
+    if n % processes or (n // processes) % model:
+        raise ValueError(f"a mesh of {data} × {model} (data × model) devices must have the same number of "
+                         f"devices in each of the {processes} processes, a multiple of the model axis")
+    per_process = n // processes
+    chosen = [d for p in range(processes) for d in [d for d in devices if d.process_index == p][:per_process]]
+    if model == 1:
+        return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
+    return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto,) * 2,
+                         devices=chosen)
+
+
+def _layer_index(path) -> Optional[int]:
+    """l when a tree path ends in [l]["kernel"] or [l]["bias"] (a parameter list's layer l, or an optimiser
+    state's copy of it), else None."""
+    if len(path) < 2 or not isinstance(path[-1], jax.tree_util.DictKey) or path[-1].key not in ("kernel", "bias"):
+        return None
+    return path[-2].idx if isinstance(path[-2], jax.tree_util.SequenceKey) else None
 
 
 class DataParallel:
-    """Batches sharded over the `data` axis of `mesh`, parameters and optimiser state replicated."""
+    """Batches sharded over the `data` axis of `mesh`; parameters and optimiser state replicated, or, on a
+    mesh with a `model` axis, hidden layers' output neurons sharded over it (`state_sharding`)."""
 
     def __init__(self, mesh: Mesh):
         if DATA_AXIS not in mesh.axis_names:
             raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has {mesh.axis_names}")
+        unknown = set(mesh.axis_names) - {DATA_AXIS, MODEL_AXIS}
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; known: {DATA_AXIS!r}, {MODEL_AXIS!r}")
         self.mesh = mesh
         self.size = int(mesh.shape[DATA_AXIS])
+        self.model_size = int(mesh.shape.get(MODEL_AXIS, 1))
         self.batch = NamedSharding(mesh, P(DATA_AXIS))
         self.replicated = NamedSharding(mesh, P())
+        self._gather = jax.jit(lambda tree: tree, out_shardings=self.replicated)
+
+    def state_sharding(self, state: Any, n_layers: int) -> Any:
+        """One sharding per leaf of `state`: the last axis over `model` for a hidden layer's kernel or bias (a
+        leaf at [l]["kernel"] or [l]["bias"], l < n_layers − 1, in the parameters or an optimiser's copy of
+        them) whose width divides by the model axis; every other leaf replicated."""
+        m = self.model_size
+
+        def one(path, leaf):
+            l = _layer_index(path)
+            if m > 1 and l is not None and l < n_layers - 1 and jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[-1] % m == 0:
+                return NamedSharding(self.mesh, P(*(None,) * (jnp.ndim(leaf) - 1), MODEL_AXIS))
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(one, state)
+
+    def check_model_axis(self, layers) -> None:
+        """With a model axis, at least one hidden layer's width must divide by it (or nothing would shard)."""
+        if self.model_size == 1:
+            return
+        widths = [spec.features for spec in tuple(layers)[:-1]]
+        if not any(w % self.model_size == 0 for w in widths):
+            raise ValueError(f"a model axis of {self.model_size} devices shards no layer: no hidden width in "
+                             f"{widths} divides by {self.model_size}")
+
+    def place_state(self, state: Any, n_layers: int) -> Any:
+        """`state` on the mesh with `state_sharding` (from host arrays, e.g. a restored checkpoint)."""
+        return jax.device_put(state, self.state_sharding(state, n_layers))
+
+    def gather(self, tree: Any) -> Any:
+        """`tree` replicated on every device (a no-op without a model axis, where states are replicated)."""
+        return tree if self.model_size == 1 else self._gather(tree)
 
     def check_batch_size(self, batch_size: int) -> None:
         """A global batch must split evenly over the data axis (and so over processes)."""
@@ -105,10 +177,11 @@ class DataParallel:
         return jax.device_put(tree, self.replicated)
 
     def lifted_config(self, config):
-        """`config` (a `fenchel.LiftedConfig`) with w_mode "auto" resolved to "primal_mm", the form whose
-        sums over samples shard (see the module docstring), and x_chunk_bytes "auto" to off: chunks of the
-        sharded sample axis would be sliced across devices, and each device holds its share of rows only."""
-        auto = {"w_mode": "primal_mm"} if config.w_mode == "auto" else {}
+        """`config` (a `fenchel.LiftedConfig`) with w_mode "auto" resolved to "primal_mm" when the samples are
+        sharded (data axis > 1), the form whose sums over samples shard (see the module docstring), and
+        x_chunk_bytes "auto" to off: chunks of the sharded sample axis would be sliced across devices, and
+        each device holds its share of rows only."""
+        auto = {"w_mode": "primal_mm"} if config.w_mode == "auto" and self.size > 1 else {}
         if config.x_chunk_bytes == -1:
             auto["x_chunk_bytes"] = 0
         return dataclasses.replace(config, **auto)
@@ -120,6 +193,7 @@ class DataParallel:
 
         if isinstance(trainer, LiftedTrainer) and trainer.config != self.lifted_config(trainer.config):
             trainer = trainer.with_config(self.lifted_config(trainer.config))
+        self.check_model_axis(trainer.layers)
         return ShardedTrainer(trainer, self)
 
 
@@ -129,26 +203,45 @@ def _take_rows(x, y, idx):
 
 
 class ShardedTrainer(Trainer):
-    """Any `Trainer` run data parallel: the same update, with the batch sharded over samples.
+    """Any `Trainer` run data parallel (and model parallel on a mesh with a `model` axis): the same update,
+    with the batch sharded over samples.
 
-    step = jit(trainer.step, in_shardings=(replicated, batch, batch), out_shardings=replicated): one
-    program per batch shape, whose result equals the unsharded step's up to the order of floating-point
-    sums. `x`, `y` given to `step` are whole (global) batches, which every process holds; each process
-    places its own rows (`DataParallel.shard`).
+    step = jit(trainer.step, in_shardings=(state, batch, batch), out_shardings=(state, replicated)), the
+    state's shardings from `DataParallel.state_sharding` (all replicated without a model axis): one program
+    per batch shape, whose result equals the unsharded step's up to the order of floating-point sums. `x`,
+    `y` given to `step` are whole (global) batches, which every process holds; each process places its own
+    rows (`DataParallel.shard`). The trainer needs a `layers` attribute (its layer specs).
     """
 
     def __init__(self, trainer: Trainer, parallel: DataParallel):
         self.trainer, self.parallel = trainer, parallel
-        p = parallel
-        self._step = jax.jit(lambda state, x, y: trainer.step(state, x, y),
-                             in_shardings=(p.replicated, p.batch, p.batch), out_shardings=p.replicated)
+        self.n_layers = len(trainer.layers)
+        self._programs: dict = {}
+
+    def program(self, state: Any):
+        """The jitted step for states shaped like `state` (one per tree structure)."""
+        key = jax.tree_util.tree_structure(state)
+        if key not in self._programs:
+            p, trainer = self.parallel, self.trainer
+            sharding = p.state_sharding(state, self.n_layers)
+            self._programs[key] = jax.jit(lambda s, x, y: trainer.step(s, x, y),
+                                          in_shardings=(sharding, p.batch, p.batch),
+                                          out_shardings=(sharding, p.replicated))
+        return self._programs[key]
+
+    def _step(self, state, x, y):
+        return self.program(state)(state, x, y)
 
     def init(self, params):
-        return self.parallel.replicate(self.trainer.init(params))
+        return self.parallel.place_state(self.trainer.init(params), self.n_layers)
+
+    def host_state(self, state: Any) -> Any:
+        """`state` as host (numpy) arrays, every process holding all of it (for checkpoints)."""
+        return jax.device_get(self.parallel.gather(state))
 
     def step(self, state: Any, x, y) -> tuple[Any, StepInfo]:
         if not all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(state)):
-            state = self.parallel.replicate(state)  # e.g. a state restored from a checkpoint (numpy)
+            state = self.parallel.place_state(state, self.n_layers)  # e.g. restored from a checkpoint (numpy)
         return self._step(state, self.parallel.shard(x), self.parallel.shard(y))
 
     def step_on_rows(self, state: Any, x, y, idx) -> tuple[Any, StepInfo]:
@@ -156,7 +249,8 @@ class ShardedTrainer(Trainer):
         return self.step(state, *_take_rows(x, y, idx))
 
     def params(self, state):
-        return self.trainer.params(state)
+        """The network's weights, replicated on every device."""
+        return self.parallel.gather(self.trainer.params(state))
 
     def metrics(self, state, x, y) -> dict:
         """`trainer.metrics` on all rows of (x, y): sharded over samples when their count splits evenly over
@@ -164,5 +258,5 @@ class ShardedTrainer(Trainer):
         if x.shape[0] % self.parallel.size == 0:
             return self.trainer.metrics(state, self.parallel.shard(x), self.parallel.shard(y))
         device = jax.local_devices()[0]
-        state = jax.device_put(jax.device_get(state), device)
+        state = jax.device_put(self.host_state(state), device)
         return self.trainer.metrics(state, jax.device_put(x, device), jax.device_put(y, device))

@@ -1,4 +1,4 @@
-"""Data-parallel training on 8 forced CPU devices (tests/conftest.py) equals one-device training.
+"""Data- and model-parallel training on 8 forced CPU devices (tests/conftest.py) equals one-device training.
 
 The expected values are the one-device runs of the same code: sharding must change nothing but the order
 of floating-point sums (float64 here, so agreement is to ~1e-10). The compiled programs are read to check
@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from fenchel import SCHEDULES, GradientTrainer, LiftedConfig, LiftedTrainer, blocks, init_params, make_optimizer
 from fenchel.layers import Conv, Dense, parse_layers
 from fenchel.penalties import activation_penalty
-from fenchel.sharding import DataParallel, ShardedTrainer, data_mesh
+from fenchel.sharding import DataParallel, ShardedTrainer, data_mesh, device_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
@@ -169,7 +169,8 @@ def test_primal_mm_step_reduces_over_samples_instead_of_gathering_them():
     params = init_params(jax.random.PRNGKey(1), layers, (20,), jnp.float64)
     sharded = DataParallel(data_mesh(8)).wrap(LiftedTrainer(LiftedConfig(), layers))
     assert sharded.trainer.config.w_mode == "primal_mm"
-    text = sharded._step.lower(sharded.init(params), x, y).compile().as_text()
+    state = sharded.init(params)
+    text = sharded.program(state).lower(state, x, y).compile().as_text()
     colls = _collectives(text)
     assert colls and all(kind == "all-reduce" for kind, _ in colls), colls
     sizes = [int(np.prod([int(d) for d in dims.split(",")])) if dims else 1
@@ -177,7 +178,8 @@ def test_primal_mm_step_reduces_over_samples_instead_of_gathering_them():
     assert max(sizes) <= 31 * 31 and max(sizes) < n
     # the kernel form's N × N Gram matrix cannot be formed from local samples: it gathers them
     kernel = DataParallel(data_mesh(8)).wrap(LiftedTrainer(LiftedConfig(w_mode="kernel_mm"), layers))
-    kinds = {kind for kind, _ in _collectives(kernel._step.lower(kernel.init(params), x, y).compile().as_text())}
+    state = kernel.init(params)
+    kinds = {kind for kind, _ in _collectives(kernel.program(state).lower(state, x, y).compile().as_text())}
     assert "all-gather" in kinds
 
 
@@ -330,3 +332,142 @@ def test_data_mesh_takes_the_same_number_of_devices_from_each_process(monkeypatc
     assert meshes == [((8,), list(range(8))), ((4,), [0, 1, 4, 5])]
     with pytest.raises(ValueError, match="same number of devices in each of the 2 processes"):
         sharding.data_mesh(3)
+
+
+# ---------------------------------------------------------------- the model axis
+WIDE = (Dense(8), Dense(12), Dense(8), Dense(3))  # three hidden layers; 12 does not divide by 8
+
+
+def _model_sharded(leaf) -> bool:
+    return leaf.sharding.spec[-1:] == ("model",) if leaf.ndim else False
+
+
+@pytest.mark.parametrize("data, model, schedule", [(2, 4, "sequential"), (1, 8, "parallel")])
+def test_model_axis_training_equals_one_device(data, model, schedule):
+    """Hidden layers' neurons split over a model axis (with outer momentum, whose state mirrors the weights): the
+    same weights and metrics as one device. With 8 model devices the 12-wide layer stays replicated."""
+    x, y = _data(64, (5,), 3)
+    params = init_params(jax.random.PRNGKey(1), WIDE, (5,), jnp.float64)
+    config = LiftedConfig(schedule=schedule, alternations=2, w_mode="primal_mm", outer_momentum=0.5,
+                          bound_max_sweeps=3)
+    single = LiftedTrainer(config, WIDE)
+    dp = DataParallel(device_mesh(data, model))
+    sharded = dp.wrap(LiftedTrainer(config, WIDE))
+    s1, s8 = single.init(params), sharded.init(params)
+    for k in range(3):
+        idx = slice(16 * k, 16 * k + 16)
+        s1, _ = single.step(s1, x[idx], y[idx])
+        s8, info = sharded.step(s8, x[idx], y[idx])
+        assert not bool(info.nonfinite)
+    weights, momentum = s8[0], s8[1][0].trace
+    for tree in (weights, momentum):
+        split = [[_model_sharded(tree[l][name]) for name in ("kernel", "bias")] for l in range(4)]
+        assert split == [[True, True], [model == 4] * 2, [True, True], [False, False]]
+    assert dp.model_size == model and s8[0][0]["kernel"].addressable_shards[0].data.shape == (5, 8 // model)
+    _close(s8, s1)
+    got = sharded.params(s8)
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(got))
+    _close(got, single.params(s1))
+    _close(sharded.metrics(s8, x[:48], y[:48]), single.metrics(s1, x[:48], y[:48]))
+    _close(sharded.metrics(s8, x[:50], y[:50]), single.metrics(s1, x[:50], y[:50]))  # 50 rows: on one device
+
+
+def test_model_axis_on_conv_channels_and_the_gradient_trainer_equals_one_device():
+    """A conv layer's output channels split over the model axis, for lifted training and for Adam (whose two
+    moment estimates mirror the weights)."""
+    x, y = _data(32, (6, 6, 2), 3)
+    layers = (*parse_layers("conv:4:3:same,pool:2,dense:8"), Dense(3))
+    params = init_params(jax.random.PRNGKey(1), layers, (6, 6, 2), jnp.float64)
+    dp = DataParallel(device_mesh(2, 4))
+    for make in (lambda: LiftedTrainer(LiftedConfig(w_mode="primal_mm"), layers),
+                 lambda: GradientTrainer(layers, activation_penalty("relu"), make_optimizer("adam", 1e-2))):
+        single, sharded = make(), dp.wrap(make())
+        s1, s8 = single.init(params), sharded.init(params)
+        for _ in range(2):
+            s1, _ = single.step(s1, x, y)
+            s8, _ = sharded.step(s8, x, y)
+        kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(s8)
+                   if path[-1] == jax.tree_util.DictKey("kernel")]
+        assert [_model_sharded(k) for k in kernels] == [True, True, False] * (len(kernels) // 3)
+        assert kernels[0].addressable_shards[0].data.shape == (3, 3, 2, 1)
+        _close(s8, s1)
+
+
+def test_model_axis_full_batch_bcd_equals_one_device():
+    x, y = _data(80, (5,), 3, seed=2)
+    params = init_params(jax.random.PRNGKey(3), WIDE, (5,), jnp.float64)
+    trainer = LiftedTrainer(LiftedConfig(schedule="parallel", w_mode="primal_mm"), WIDE)
+    p1, xs1, hist1 = trainer.fit_full_batch(params, x, y, sweeps=3)
+    dp = DataParallel(device_mesh(2, 4))
+    placed = dp.place_state(params, len(WIDE))
+    assert placed[1]["kernel"].sharding.spec == P(None, "model")
+    p8, xs8, hist8 = trainer.fit_full_batch(placed, dp.shard(x), dp.shard(y), sweeps=3)
+    assert hist1[-1] < hist1[0]
+    np.testing.assert_allclose(hist8, hist1, rtol=1e-10)
+    _close(p8, p1)
+    _close(xs8, xs1)
+
+
+def test_model_axis_errors_are_clear():
+    with pytest.raises(ValueError, match="data · model ≤ 8"):
+        device_mesh(4, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        device_mesh(None, 0)
+    assert device_mesh(None, 2).shape == {"data": 4, "model": 2}
+    assert device_mesh(2, 4).devices.tolist() == [jax.devices()[:4], jax.devices()[4:]]
+    with pytest.raises(ValueError, match=r"shards no layer: no hidden width in \[7, 6, 5\] divides by 4"):
+        DataParallel(device_mesh(2, 4)).wrap(LiftedTrainer(LiftedConfig(), MLP))
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        DataParallel(jax.make_mesh((2, 4), ("data", "pipeline")))
+    from configs import tiny
+    from experiments.train import validate_config
+
+    c = tiny.get_config()
+    c.mesh_model = 0
+    with pytest.raises(ValueError, match="mesh_model=0 must be ≥ 1"):
+        validate_config(c)
+
+
+def test_model_axis_mesh_keeps_each_model_row_within_a_process(monkeypatch):
+    """Two simulated hosts of 4 devices: a 4 × 2 mesh has rows (0, 1), (2, 3), (4, 5), (6, 7); 2 × 2 takes the first
+    two devices of each host; a model axis of 8 would span both hosts and is refused."""
+    import types
+
+    from fenchel import sharding
+
+    devices = [types.SimpleNamespace(id=i, process_index=i // 4, platform="cpu") for i in range(8)]
+    meshes = []
+    monkeypatch.setattr(jax, "devices", lambda: devices)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "make_mesh", lambda shape, names, axis_types=None, devices=None:
+                        meshes.append((shape, names, [d.id for d in devices])))
+    sharding.device_mesh(None, 2)
+    sharding.device_mesh(2, 2)
+    assert meshes == [((4, 2), ("data", "model"), list(range(8))), ((2, 2), ("data", "model"), [0, 1, 4, 5])]
+    with pytest.raises(ValueError, match="a multiple of the model axis"):
+        sharding.device_mesh(1, 8)
+
+
+def test_launcher_model_axis_matches_one_device_and_resumes(tmp_path):
+    """configs/tiny.py (784-32-10) on a 2 × 4 mesh, in this process: the one-device run's metrics; and a run
+    interrupted after its first epoch resumes from its checkpoint (saved from the model-sharded state) to the
+    same figures as the uninterrupted one."""
+    from configs import tiny
+    from experiments.train import train_and_evaluate
+
+    def config(**kw):
+        c = tiny.get_config()
+        c.update(dict(train_size=400, test_size=200, total_epochs=2, warm_start_epochs=0, batch_size=40,
+                      objective_batch=120, w_mode="primal_mm", **kw))
+        return c
+
+    one = train_and_evaluate(config(), tmp_path / "one")
+    whole = train_and_evaluate(config(mesh_data=2, mesh_model=4), tmp_path / "whole")
+    assert train_and_evaluate(config(mesh_data=2, mesh_model=4), tmp_path / "resumed", max_epochs_this_run=1) \
+        == {"interrupted_after_epoch": 1}
+    resumed = train_and_evaluate(config(mesh_data=2, mesh_model=4), tmp_path / "resumed")
+    for key in ("train_loss", "lifted_objective"):
+        np.testing.assert_allclose(whole[key], one[key], rtol=1e-5)
+        np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-6)
+    assert abs(whole["test_accuracy"] - one["test_accuracy"]) <= 1 / 200
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
