@@ -29,6 +29,9 @@ compile time (first call minus median) is reported separately. Sections (`--sect
            (JSON: `budgets`). The fixed part bounds from below what any budget can cost.
   devices  the data-parallel minibatch step and full-batch sweep (`fenchel.sharding`) on 1, 2, 4 and 8
            forced host devices (each count in a subprocess with XLA_FLAGS set), as overhead ratios.
+  model    the same for a wide network, 784-`--model-width`-10, on data × model meshes (`--meshes`; hidden neurons
+           split over the model axis): step and sweep times as ratios to one device, and the bytes of the
+           trainer state each device holds.
   memory   peak host RSS of this process, and device peak memory where the backend reports it.
 --x-steps/--w-steps set the lifted trainers' iterations per X/W block (x_max_steps, w_max_steps; default: the
 configs', 10 and 3) in the epoch and activations sections, e.g. 3 and 2 for the settings of
@@ -63,7 +66,8 @@ from fenchel.penalties import ACTIVATIONS
 
 ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:100",
                  "lenet5": mnist_lenet5.get_config().layers}
-SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "curves", "fullbatch", "devices", "memory")
+SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "curves", "fullbatch", "devices", "model",
+            "memory")
 # the fullbatch section's variants: (W form for N > n_in, x_chunk_bytes); the last is the default
 FULLBATCH_VARIANTS = (("primal", -1), ("primal_mm", 0), ("primal_mm", -1))
 
@@ -366,16 +370,70 @@ def child_devices(n_devices: int, args) -> dict:
     return {"devices": n_devices, "batch": batch, "step": step, "sweep_samples": int(x.shape[0]), "sweep": sweep}
 
 
+def child_model(mesh: str, args) -> dict:
+    """In a process started with data × model forced host devices: the lifted step and sweep of 784-W-10 with
+    its hidden neurons split over the model axis, and the state's bytes on the first device."""
+    from fenchel.sharding import DataParallel, device_mesh
+
+    data, model = parse_mesh(mesh)
+    job = _job(f"dense:{args.model_width}", "adam", train_size=args.device_samples)
+    x, y = job.x_train, job.y_train
+    dp = DataParallel(device_mesh(data, model))
+    base = LiftedTrainer(LiftedConfig(w_mode="primal_mm"), job.layers)
+    sharded = dp.wrap(base)
+    state = sharded.init(job.params0)
+    device = jax.devices()[0]
+    state_bytes = sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(state)
+                      for shard in leaf.addressable_shards if shard.device == device)
+    batch = 8 * 100
+    step = timed(sharded.step, state, dp.shard(x[:batch]), dp.shard(y[:batch]), reps=args.reps)
+    x0, y0 = dp.shard(x), dp.shard(y)
+    params = dp.place_state(job.params0, len(job.layers))
+    sweep = timed(base.sweep, params, base.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
+    return {"mesh": mesh, "width": args.model_width, "batch": batch, "step": step,
+            "sweep_samples": int(x.shape[0]), "sweep": sweep, "state_bytes_per_device": int(state_bytes)}
+
+
+def parse_mesh(text: str) -> tuple:
+    """"DxM" → (D, M)."""
+    try:
+        data, model = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bad mesh {text!r}: expected DATAxMODEL, e.g. 2x4") from None
+    if data < 1 or model < 1:
+        raise ValueError(f"bad mesh {text!r}: both sizes must be ≥ 1")
+    return data, model
+
+
+def _child(flag: str, value: str, n_devices: int, args) -> dict:
+    """`experiments.bench --FLAG VALUE` in a subprocess with n forced host devices; its JSON line."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "experiments.bench", flag, value, "--reps", str(args.reps),
+           "--device-samples", str(args.device_samples), "--model-width", str(args.model_width)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the {flag} {value} benchmark failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def section_model(args, out: dict) -> None:
+    rows = []
+    for mesh in args.meshes:
+        data, model = parse_mesh(mesh)
+        rows.append(_child("--child-model", mesh, data * model, args))
+        print(f"  mesh {mesh}: step {rows[-1]['step']['median_s'] * 1e3:.1f} ms, sweep "
+              f"{rows[-1]['sweep']['median_s']:.3f} s, state {rows[-1]['state_bytes_per_device'] / 2**20:.2f} MiB "
+              "per device", flush=True)
+    for r in rows:
+        for key in ("step", "sweep"):
+            r[f"{key}_over_one_device"] = r[key]["median_s"] / rows[0][key]["median_s"]
+    out["model"] = rows
+
+
 def section_devices(args, out: dict) -> None:
     rows = []
     for n in args.devices:
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-        cmd = [sys.executable, "-m", "experiments.bench", "--child-devices", str(n), "--reps", str(args.reps),
-               "--device-samples", str(args.device_samples)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"the {n}-device benchmark failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(_child("--child-devices", str(n), n, args))
         print(f"  {n} host devices: step {rows[-1]['step']['median_s'] * 1e3:.1f} ms, "
               f"sweep {rows[-1]['sweep']['median_s']:.3f} s", flush=True)
     one = rows[0]
@@ -496,6 +554,15 @@ def print_tables(out: dict) -> None:
         for r in out["devices"]:
             print(f"| {r['devices']} | {r['step']['median_s'] * 1e3:.1f} | {r['step_over_one_device']:.2f} | "
                   f"{r['sweep']['median_s']:.3f} | {r['sweep_over_one_device']:.2f} |")
+    if "model" in out:
+        r0 = out["model"][0]
+        print(f"\n| 784-{r0['width']}-10, data × model forced host devices | sharded step ms (batch {r0['batch']}) | "
+              f"/ {r0['mesh']} | full-batch sweep s ({r0['sweep_samples']}) | / {r0['mesh']} | state MiB per device |")
+        print("|---|---|---|---|---|---|")
+        for r in out["model"]:
+            print(f"| {r['mesh']} | {r['step']['median_s'] * 1e3:.1f} | {r['step_over_one_device']:.2f} | "
+                  f"{r['sweep']['median_s']:.3f} | {r['sweep_over_one_device']:.2f} | "
+                  f"{r['state_bytes_per_device'] / 2**20:.2f} |")
     if "memory" in out:
         print("\n" + ", ".join(f"{k}: {v:.0f}" for k, v in out["memory"].items()))
 
@@ -517,6 +584,9 @@ def main(argv=None):
     p.add_argument("--fullbatch-sweeps", type=int, default=10, help="sweeps of the fullbatch section's fits")
     p.add_argument("--devices", default="1,2,4,8", help="forced host device counts of the devices section")
     p.add_argument("--device-samples", type=int, default=8000, help="full-batch size of the devices section")
+    p.add_argument("--meshes", default="1x1,8x1,4x2,2x4,1x8",
+                   help="DATAxMODEL forced host device meshes of the model section (the first is the reference)")
+    p.add_argument("--model-width", type=int, default=2048, help="hidden width of the model section's 784-W-10")
     p.add_argument("--x-steps", type=int, default=None, help="lifted x_max_steps (default: the config's)")
     p.add_argument("--w-steps", type=int, default=None, help="lifted w_max_steps (default: the config's)")
     p.add_argument("--budget-grid", default="1/1,1/3,3/1,3/2,10/1,10/3",
@@ -524,20 +594,33 @@ def main(argv=None):
     p.add_argument("--budget-warm-steps", type=int, default=300, help="training steps before the budgets are timed")
     p.add_argument("--budget-steps", type=int, default=100, help="timed steps per budget and repetition")
     p.add_argument("--child-devices", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.reps = args.reps or (3 if args.quick else 5)
     if args.child_devices:
         print(json.dumps(child_devices(args.child_devices, args)))
+        return
+    if args.child_model:
+        print(json.dumps(child_model(args.child_model, args)))
         return
     gpu = jax.devices()[0].platform == "gpu"
     args.lenet_sweep_samples = args.lenet_sweep_samples or (60000 if gpu else 5000)
     args.width_samples = args.width_samples or (60000 if gpu else 10000)
     args.fullbatch_samples = args.fullbatch_samples or (60000 if gpu else 10000)
     args.devices = [int(n) for n in args.devices.split(",") if n]
+    args.meshes = [m for m in args.meshes.split(",") if m]
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    if "model" in sections:
+        try:
+            for mesh in args.meshes:
+                parse_mesh(mesh)
+        except ValueError as err:
+            p.error(str(err))
+        if args.model_width < 1:
+            p.error("--model-width must be ≥ 1")
     if "budgets" in sections:
         try:
             parse_budget_grid(args.budget_grid)

@@ -393,6 +393,23 @@ def test_model_axis_on_conv_channels_and_the_gradient_trainer_equals_one_device(
         _close(s8, s1)
 
 
+@pytest.mark.parametrize("form", ["kernel_mm", "primal_mm"])
+def test_model_axis_step_never_moves_the_wide_layer_between_devices(form):
+    """On a 1 × 8 mesh the hidden W block splits over its neurons: no collective of the compiled step has an axis of
+    the 300 inputs or half the 300 × 64 hidden kernel's size; what crosses devices is logit-sized (the X-last
+    block's partial products) or the output layer's (its input X₁, 96 × 64, and primal_mm's 65 × 65 majoriser)."""
+    layers = (Dense(64), Dense(10))
+    x, y = _data(96, (300,), 10)
+    params = init_params(jax.random.PRNGKey(1), layers, (300,), jnp.float64)
+    sharded = DataParallel(device_mesh(1, 8)).wrap(LiftedTrainer(LiftedConfig(w_mode=form), layers))
+    state = sharded.init(params)
+    colls = _collectives(sharded.program(state).lower(state, x, y).compile().as_text())
+    sizes = [int(np.prod([int(d) for d in dims.split(",")])) if dims else 1
+             for _, shape in colls for dims in re.findall(r"\[([\d,]*)\]", shape)]
+    dims = {int(d) for _, shape in colls for d in re.findall(r"\d+", re.sub(r"f\d+|\{[^}]*\}", "", shape))}
+    assert colls and max(sizes) < 300 * 64 // 2 and not dims & {300, 301}, colls
+
+
 def test_model_axis_full_batch_bcd_equals_one_device():
     x, y = _data(80, (5,), 3, seed=2)
     params = init_params(jax.random.PRNGKey(3), WIDE, (5,), jnp.float64)
