@@ -238,15 +238,19 @@ def _metrics(workdir):
 
 
 def test_launcher_on_8_devices_and_on_2_processes_matches_one_device(tmp_path):
-    """configs/tiny.py with --config.mesh_data=8, and as 2 processes × 2 devices (jax.distributed on
-    localhost, mesh_data=0: all 4 devices), gives the one-device run's metrics; process 0 alone writes."""
+    """configs/tiny.py with --config.mesh_data=8, as 2 processes × 2 devices (jax.distributed on localhost,
+    mesh_data=0: all 4 devices), and as 2 processes × 4 devices on a 4 × 2 data × model mesh, gives the one-device
+    run's metrics; process 0 alone writes."""
     # w_mode auto means primal_mm on a mesh (fenchel.sharding); the one-device run names it
     one = _metrics(_launch(tmp_path, "one", "--config.w_mode=primal_mm"))
     eight = _metrics(_launch(tmp_path, "eight", "--config.mesh_data=8", env_devices=8))
     multi_dir = _launch(tmp_path, "multi", "--config.mesh_data=0", env_devices=2, processes=2)
     multi = _metrics(multi_dir)
-    assert len(one) == len(eight) == len(multi) == 1
-    for other in (eight, multi):  # float32 training: equal up to the order of sums
+    # 2 processes × 4 devices as a 4 × 2 data × model mesh: the data axis spans the processes, the model axis not
+    model = _metrics(_launch(tmp_path, "model", "--config.mesh_data=0", "--config.mesh_model=2", env_devices=4,
+                             processes=2))
+    assert len(one) == len(eight) == len(multi) == len(model) == 1
+    for other in (eight, multi, model):  # float32 training: equal up to the order of sums
         assert abs(other[0]["test_accuracy"] - one[0]["test_accuracy"]) <= 1 / 400
         np.testing.assert_allclose(other[0]["train_loss"], one[0]["train_loss"], rtol=1e-5)
         np.testing.assert_allclose(other[0]["lifted_objective"], one[0]["lifted_objective"], rtol=1e-5)
