@@ -45,6 +45,17 @@ def _collectives(compiled_text):
     return [(kind, shape) for shape, kind in re.findall(pattern, compiled_text)]
 
 
+def _three_steps(single, sharded, params, x, y):
+    """Three minibatch steps of 16 rows of (x, y) by both trainers from `params`; their states."""
+    s1, s8 = single.init(params), sharded.init(params)
+    for k in range(3):
+        idx = slice(16 * k, 16 * k + 16)
+        s1, _ = single.step(s1, x[idx], y[idx])
+        s8, info = sharded.step(s8, x[idx], y[idx])
+        assert not bool(info.nonfinite)
+    return s1, s8
+
+
 MLP = (Dense(7), Dense(6), Dense(5), Dense(3))  # three hidden layers: both parities in the parallel schedule
 CNN = (*parse_layers("conv:3:3:same,pool:2,dense:6"), Dense(3))
 
@@ -58,12 +69,7 @@ def test_sharded_minibatch_training_equals_one_device(schedule, net):
     config = LiftedConfig(schedule=schedule, alternations=2, w_mode="primal_mm")
     single = LiftedTrainer(config, layers)
     sharded = DataParallel(data_mesh(8)).wrap(LiftedTrainer(config, layers))
-    s1, s8 = single.init(params), sharded.init(params)
-    for k in range(3):
-        idx = slice(16 * k, 16 * k + 16)
-        s1, _ = single.step(s1, x[idx], y[idx])
-        s8, info = sharded.step(s8, x[idx], y[idx])
-        assert not bool(info.nonfinite)
+    s1, s8 = _three_steps(single, sharded, params, x, y)
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                 zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(params)))
     assert moved > 1e-3  # training did something
@@ -357,12 +363,7 @@ def test_model_axis_training_equals_one_device(data, model, schedule):
     single = LiftedTrainer(config, WIDE)
     dp = DataParallel(device_mesh(data, model))
     sharded = dp.wrap(LiftedTrainer(config, WIDE))
-    s1, s8 = single.init(params), sharded.init(params)
-    for k in range(3):
-        idx = slice(16 * k, 16 * k + 16)
-        s1, _ = single.step(s1, x[idx], y[idx])
-        s8, info = sharded.step(s8, x[idx], y[idx])
-        assert not bool(info.nonfinite)
+    s1, s8 = _three_steps(single, sharded, params, x, y)
     weights, momentum = s8[0], s8[1][0].trace
     for tree in (weights, momentum):
         split = [[_model_sharded(tree[l][name]) for name in ("kernel", "bias")] for l in range(4)]
