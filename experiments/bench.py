@@ -366,7 +366,8 @@ def child_devices(n_devices: int, args) -> dict:
     batch = 8 * 100
     step = timed(sharded.step, sharded.init(params), dp.shard(x[:batch]), dp.shard(y[:batch]), reps=args.reps)
     x0, y0 = dp.shard(x), dp.shard(y)
-    sweep = timed(base.sweep, params, base.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
+    lifted = sharded.trainer  # the configuration a sharded run uses (X blocks unchunked on a mesh)
+    sweep = timed(lifted.sweep, params, lifted.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
     return {"devices": n_devices, "batch": batch, "step": step, "sweep_samples": int(x.shape[0]), "sweep": sweep}
 
 
@@ -389,7 +390,8 @@ def child_model(mesh: str, args) -> dict:
     step = timed(sharded.step, state, dp.shard(x[:batch]), dp.shard(y[:batch]), reps=args.reps)
     x0, y0 = dp.shard(x), dp.shard(y)
     params = dp.place_state(job.params0, len(job.layers))
-    sweep = timed(base.sweep, params, base.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
+    lifted = sharded.trainer  # the configuration a sharded run uses (X blocks unchunked on a mesh)
+    sweep = timed(lifted.sweep, params, lifted.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
     return {"mesh": mesh, "width": args.model_width, "batch": batch, "step": step,
             "sweep_samples": int(x.shape[0]), "sweep": sweep, "state_bytes_per_device": int(state_bytes)}
 

@@ -275,7 +275,7 @@ class _Run:
         return {"epoch": 0, "wall": 0.0, "initial_loss": 0.0, "state": self.job.trainer.init(self.job.params0)}
 
     def save(self, ckpt: dict) -> None:
-        if self.job.parallel is not None:  # every process gathers a model-sharded state (a collective)
+        if self.job.parallel is not None:  # host arrays from this process's shards (a model-sharded state too)
             ckpt = {**ckpt, "state": self.job.trainer.host_state(ckpt["state"])}
         meta = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["epoch"]) * self.job.steps_per_epoch,
                 "config_hash": self.hash, "trainer": self.config.trainer}

@@ -13,8 +13,9 @@ The N × N kernel W forms (`kernel`, `kernel_mm`) do not shard along N: their
 Gram matrix X Xᵀ couples every pair of samples, so XLA would gather X on
 every device. `DataParallel.lifted_config` therefore maps `w_mode="auto"`
 to `primal_mm` (whose (n_in + 1)² factor is computed once per solve from the
-all-reduced majoriser); an explicit kernel form is still honoured, and still
-correct, at the price of that all-gather.
+all-reduced majoriser) when the data axis has more than one device; an
+explicit kernel form is still honoured, and still correct, at the price of
+that all-gather.
 
 Model parallel (optional): a second mesh axis `model` shards each hidden
 layer's output neurons (the last axis of its kernel and its bias, and of the
@@ -104,7 +105,6 @@ class DataParallel:
         self.model_size = int(mesh.shape.get(MODEL_AXIS, 1))
         self.batch = NamedSharding(mesh, P(DATA_AXIS))
         self.replicated = NamedSharding(mesh, P())
-        self._gather = jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
     def state_sharding(self, state: Any, n_layers: int) -> Any:
         """One sharding per leaf of `state`: the last axis over `model` for a hidden layer's kernel or bias (a
@@ -121,9 +121,13 @@ class DataParallel:
         return jax.tree_util.tree_map_with_path(one, state)
 
     def check_model_axis(self, layers) -> None:
-        """With a model axis, at least one hidden layer's width must divide by it (or nothing would shard)."""
+        """With a model axis, the trainer's layer specs must be known (its `layers`) and at least one hidden layer's
+        width must divide by the axis (or nothing would shard)."""
         if self.model_size == 1:
             return
+        if layers is None:
+            raise ValueError(f"a model axis of {self.model_size} devices needs the trainer's layer specs (a `layers` "
+                             "attribute) to know which leaves are hidden layers' weights")
         widths = [spec.features for spec in tuple(layers)[:-1]]
         if not any(w % self.model_size == 0 for w in widths):
             raise ValueError(f"a model axis of {self.model_size} devices shards no layer: no hidden width in "
@@ -132,10 +136,6 @@ class DataParallel:
     def place_state(self, state: Any, n_layers: int) -> Any:
         """`state` on the mesh with `state_sharding` (from host arrays, e.g. a restored checkpoint)."""
         return jax.device_put(state, self.state_sharding(state, n_layers))
-
-    def gather(self, tree: Any) -> Any:
-        """`tree` replicated on every device (a no-op without a model axis, where states are replicated)."""
-        return tree if self.model_size == 1 else self._gather(tree)
 
     def check_batch_size(self, batch_size: int) -> None:
         """A global batch must split evenly over the data axis (and so over processes)."""
@@ -193,8 +193,22 @@ class DataParallel:
 
         if isinstance(trainer, LiftedTrainer) and trainer.config != self.lifted_config(trainer.config):
             trainer = trainer.with_config(self.lifted_config(trainer.config))
-        self.check_model_axis(trainer.layers)
         return ShardedTrainer(trainer, self)
+
+
+def _host_array(leaf) -> np.ndarray:
+    """A (possibly sharded, possibly multi-process) array as one numpy array from its addressable shards."""
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return np.asarray(jax.device_get(leaf))
+    out = np.empty(leaf.shape, leaf.dtype)
+    covered = np.zeros(leaf.shape, bool)
+    for shard in leaf.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+        covered[shard.index] = True
+    if not covered.all():
+        raise ValueError(f"this process holds only part of an array of shape {leaf.shape} ({leaf.sharding}); "
+                         "a model axis must not span processes")
+    return out
 
 
 @jax.jit
@@ -214,20 +228,26 @@ class ShardedTrainer(Trainer):
     """
 
     def __init__(self, trainer: Trainer, parallel: DataParallel):
+        layers = getattr(trainer, "layers", None)
+        parallel.check_model_axis(layers)
         self.trainer, self.parallel = trainer, parallel
-        self.n_layers = len(trainer.layers)
+        self.n_layers = 0 if layers is None else len(layers)  # 0: nothing to split (no model axis)
         self._programs: dict = {}
 
-    def program(self, state: Any):
-        """The jitted step for states shaped like `state` (one per tree structure)."""
+    def _compiled(self, state: Any) -> tuple:
+        """(jitted step, leaves of its state sharding) for states shaped like `state` (one per tree structure)."""
         key = jax.tree_util.tree_structure(state)
         if key not in self._programs:
             p, trainer = self.parallel, self.trainer
             sharding = p.state_sharding(state, self.n_layers)
-            self._programs[key] = jax.jit(lambda s, x, y: trainer.step(s, x, y),
-                                          in_shardings=(sharding, p.batch, p.batch),
-                                          out_shardings=(sharding, p.replicated))
+            program = jax.jit(lambda s, x, y: trainer.step(s, x, y), in_shardings=(sharding, p.batch, p.batch),
+                              out_shardings=(sharding, p.replicated))
+            self._programs[key] = program, jax.tree_util.tree_leaves(sharding)
         return self._programs[key]
+
+    def program(self, state: Any):
+        """The jitted step for states shaped like `state`."""
+        return self._compiled(state)[0]
 
     def _step(self, state, x, y):
         return self.program(state)(state, x, y)
@@ -236,11 +256,15 @@ class ShardedTrainer(Trainer):
         return self.parallel.place_state(self.trainer.init(params), self.n_layers)
 
     def host_state(self, state: Any) -> Any:
-        """`state` as host (numpy) arrays, every process holding all of it (for checkpoints)."""
-        return jax.device_get(self.parallel.gather(state))
+        """`state` as host (numpy) arrays, assembled from this process's shards without a device program (each
+        process holds whole rows of the model axis, so all of every leaf): for checkpoints and evaluation, with
+        no device ever holding the unsharded state."""
+        return jax.tree_util.tree_map(_host_array, state)
 
     def step(self, state: Any, x, y) -> tuple[Any, StepInfo]:
-        if not all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(state)):
+        leaves = jax.tree_util.tree_leaves(state)
+        _, shardings = self._compiled(state)
+        if not all(isinstance(leaf, jax.Array) and leaf.sharding == s for leaf, s in zip(leaves, shardings)):
             state = self.parallel.place_state(state, self.n_layers)  # e.g. restored from a checkpoint (numpy)
         return self._step(state, self.parallel.shard(x), self.parallel.shard(y))
 
@@ -249,8 +273,9 @@ class ShardedTrainer(Trainer):
         return self.step(state, *_take_rows(x, y, idx))
 
     def params(self, state):
-        """The network's weights, replicated on every device."""
-        return self.parallel.gather(self.trainer.params(state))
+        """The network's weights: replicated on every device, or with a model axis as host arrays (`host_state`)."""
+        params = self.trainer.params(state)
+        return params if self.parallel.model_size == 1 else self.host_state(params)
 
     def metrics(self, state, x, y) -> dict:
         """`trainer.metrics` on all rows of (x, y): sharded over samples when their count splits evenly over

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -22,6 +23,7 @@ from fenchel import SCHEDULES, GradientTrainer, LiftedConfig, LiftedTrainer, blo
 from fenchel.layers import Conv, Dense, parse_layers
 from fenchel.penalties import activation_penalty
 from fenchel.sharding import DataParallel, ShardedTrainer, data_mesh, device_mesh
+from fenchel.trainer import StepInfo, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
@@ -252,9 +254,13 @@ def test_launcher_on_8_devices_and_on_2_processes_matches_one_device(tmp_path):
     eight = _metrics(_launch(tmp_path, "eight", "--config.mesh_data=8", env_devices=8))
     multi_dir = _launch(tmp_path, "multi", "--config.mesh_data=0", env_devices=2, processes=2)
     multi = _metrics(multi_dir)
-    # 2 processes × 4 devices as a 4 × 2 data × model mesh: the data axis spans the processes, the model axis not
-    model = _metrics(_launch(tmp_path, "model", "--config.mesh_data=0", "--config.mesh_model=2", env_devices=4,
-                             processes=2))
+    # 2 processes × 4 devices as a 4 × 2 data × model mesh: the data axis spans the processes, the model axis not;
+    # with a parameter history (process 0 alone records it) and a warm start from the model-sharded weights
+    model_dir = _launch(tmp_path, "model", "--config.mesh_data=0", "--config.mesh_model=2", "--config.record_every=5",
+                        "--config.warm_start_epochs=1", env_devices=4, processes=2)
+    model = _metrics(model_dir)
+    assert len(list((model_dir / "history").glob("chunk_*.npz"))) >= 1
+    assert json.loads((model_dir / "summary.json").read_text())["warm_start_test_accuracy"] > 0.6
     assert len(one) == len(eight) == len(multi) == len(model) == 1
     for other in (eight, multi, model):  # float32 training: equal up to the order of sums
         assert abs(other[0]["test_accuracy"] - one[0]["test_accuracy"]) <= 1 / 400
@@ -370,9 +376,11 @@ def test_model_axis_training_equals_one_device(data, model, schedule):
         assert split == [[True, True], [model == 4] * 2, [True, True], [False, False]]
     assert dp.model_size == model and s8[0][0]["kernel"].addressable_shards[0].data.shape == (5, 8 // model)
     _close(s8, s1)
-    got = sharded.params(s8)
-    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(got))
+    got = sharded.params(s8)  # host arrays: no device holds the unsharded weights
+    assert all(type(leaf) is np.ndarray for leaf in jax.tree_util.tree_leaves(got))
     _close(got, single.params(s1))
+    replicated = dp.replicate(s8)  # a state on the mesh with other shardings is placed again, not refused
+    _close(sharded.step(replicated, x[:16], y[:16])[0], sharded.step(s8, x[:16], y[:16])[0])
     _close(sharded.metrics(s8, x[:48], y[:48]), single.metrics(s1, x[:48], y[:48]))
     _close(sharded.metrics(s8, x[:50], y[:50]), single.metrics(s1, x[:50], y[:50]))  # 50 rows: on one device
 
@@ -448,6 +456,32 @@ def test_model_axis_errors_are_clear():
     c.mesh_model = 0
     with pytest.raises(ValueError, match="mesh_model=0 must be ≥ 1"):
         validate_config(c)
+
+
+def test_a_trainer_without_layer_specs_runs_on_a_data_mesh_and_is_refused_a_model_axis():
+    """`Trainer` does not require `layers`: any trainer shards over samples; only a model axis needs the specs."""
+    class Bare(Trainer):  # plain gradient descent, no `layers` attribute
+        def init(self, params):
+            return params
+
+        def step(self, state, x, y):
+            def loss(p):
+                h = jax.nn.relu(x @ p[0]["kernel"] + p[0]["bias"])
+                return optax.softmax_cross_entropy(h @ p[1]["kernel"] + p[1]["bias"], y).mean()
+
+            value, grad = jax.value_and_grad(loss)(state)
+            return jax.tree_util.tree_map(lambda a, g: a - 0.5 * g, state, grad), StepInfo(value, ~jnp.isfinite(value))
+
+        def params(self, state):
+            return state
+
+    layers = (Dense(8), Dense(3))
+    x, y = _data(32, (5,), 3)
+    params = init_params(jax.random.PRNGKey(1), layers, (5,), jnp.float64)
+    single, sharded = Bare(), DataParallel(data_mesh(8)).wrap(Bare())
+    _close(sharded.step(sharded.init(params), x, y)[0], single.step(params, x, y)[0])
+    with pytest.raises(ValueError, match="needs the trainer's layer specs"):
+        DataParallel(device_mesh(2, 4)).wrap(Bare())
 
 
 def test_model_axis_mesh_keeps_each_model_row_within_a_process(monkeypatch):
