@@ -364,8 +364,7 @@ def test_model_axis_training_equals_one_device(data, model, schedule):
     same weights and metrics as one device. With 8 model devices the 12-wide layer stays replicated."""
     x, y = _data(64, (5,), 3)
     params = init_params(jax.random.PRNGKey(1), WIDE, (5,), jnp.float64)
-    config = LiftedConfig(schedule=schedule, alternations=2, w_mode="primal_mm", outer_momentum=0.5,
-                          bound_max_sweeps=3)
+    config = LiftedConfig(schedule=schedule, w_mode="primal_mm", outer_momentum=0.5, bound_max_sweeps=3)
     single = LiftedTrainer(config, WIDE)
     dp = DataParallel(device_mesh(data, model))
     sharded = dp.wrap(LiftedTrainer(config, WIDE))
@@ -382,7 +381,8 @@ def test_model_axis_training_equals_one_device(data, model, schedule):
     replicated = dp.replicate(s8)  # a state on the mesh with other shardings is placed again, not refused
     _close(sharded.step(replicated, x[:16], y[:16])[0], sharded.step(s8, x[:16], y[:16])[0])
     _close(sharded.metrics(s8, x[:48], y[:48]), single.metrics(s1, x[:48], y[:48]))
-    _close(sharded.metrics(s8, x[:50], y[:50]), single.metrics(s1, x[:50], y[:50]))  # 50 rows: on one device
+    if data > 1:  # 50 rows do not split over the data axis: evaluated on one device from the host copy
+        _close(sharded.metrics(s8, x[:50], y[:50]), single.metrics(s1, x[:50], y[:50]))
 
 
 def test_model_axis_on_conv_channels_and_the_gradient_trainer_equals_one_device():
