@@ -352,36 +352,11 @@ def section_layers(args, out: dict) -> None:
           f"update: {row['update_off_s'] * 1e3:.2f} / {row['update_on_s'] * 1e3:.2f} ms", flush=True)
 
 
-def child_devices(n_devices: int, args) -> dict:
-    """In a process started with n forced host devices: the sharded step and sweep (784-300-10)."""
-    from fenchel.sharding import DataParallel, data_mesh
-
-    job = _job("dense:300", "adam", train_size=args.device_samples)
+def _sharded_step_and_sweep(job, dp, args) -> dict:
+    """The lifted minibatch step (batch 800) and full-batch sweep of `job` run sharded by `dp` (primal_mm, the
+    configuration a sharded run uses), and the bytes of the step's state on the first device."""
     x, y = job.x_train, job.y_train
-    dp = DataParallel(data_mesh(n_devices))
-    layers = job.layers
-    base = LiftedTrainer(LiftedConfig(w_mode="primal_mm"), layers)
-    sharded = dp.wrap(base)
-    params = dp.replicate(job.params0)
-    batch = 8 * 100
-    step = timed(sharded.step, sharded.init(params), dp.shard(x[:batch]), dp.shard(y[:batch]), reps=args.reps)
-    x0, y0 = dp.shard(x), dp.shard(y)
-    lifted = sharded.trainer  # the configuration a sharded run uses (X blocks unchunked on a mesh)
-    sweep = timed(lifted.sweep, params, lifted.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
-    return {"devices": n_devices, "batch": batch, "step": step, "sweep_samples": int(x.shape[0]), "sweep": sweep}
-
-
-def child_model(mesh: str, args) -> dict:
-    """In a process started with data × model forced host devices: the lifted step and sweep of 784-W-10 with
-    its hidden neurons split over the model axis, and the state's bytes on the first device."""
-    from fenchel.sharding import DataParallel, device_mesh
-
-    data, model = parse_mesh(mesh)
-    job = _job(f"dense:{args.model_width}", "adam", train_size=args.device_samples)
-    x, y = job.x_train, job.y_train
-    dp = DataParallel(device_mesh(data, model))
-    base = LiftedTrainer(LiftedConfig(w_mode="primal_mm"), job.layers)
-    sharded = dp.wrap(base)
+    sharded = dp.wrap(LiftedTrainer(LiftedConfig(w_mode="primal_mm"), job.layers))
     state = sharded.init(job.params0)
     device = jax.devices()[0]
     state_bytes = sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(state)
@@ -390,10 +365,28 @@ def child_model(mesh: str, args) -> dict:
     step = timed(sharded.step, state, dp.shard(x[:batch]), dp.shard(y[:batch]), reps=args.reps)
     x0, y0 = dp.shard(x), dp.shard(y)
     params = dp.place_state(job.params0, len(job.layers))
-    lifted = sharded.trainer  # the configuration a sharded run uses (X blocks unchunked on a mesh)
+    lifted = sharded.trainer  # X blocks unchunked on a mesh (`DataParallel.lifted_config`)
     sweep = timed(lifted.sweep, params, lifted.forward(params, x0), x0, y0, reps=max(2, args.reps // 2))
-    return {"mesh": mesh, "width": args.model_width, "batch": batch, "step": step,
-            "sweep_samples": int(x.shape[0]), "sweep": sweep, "state_bytes_per_device": int(state_bytes)}
+    return {"batch": batch, "step": step, "sweep_samples": int(x.shape[0]), "sweep": sweep,
+            "state_bytes_per_device": int(state_bytes)}
+
+
+def child_devices(n_devices: int, args) -> dict:
+    """In a process started with n forced host devices: the sharded step and sweep (784-300-10)."""
+    from fenchel.sharding import DataParallel, data_mesh
+
+    job = _job("dense:300", "adam", train_size=args.device_samples)
+    return {"devices": n_devices, **_sharded_step_and_sweep(job, DataParallel(data_mesh(n_devices)), args)}
+
+
+def child_model(mesh: str, args) -> dict:
+    """In a process started with data × model forced host devices: the lifted step and sweep of 784-W-10 with
+    its hidden neurons split over the model axis, and the state's bytes on the first device."""
+    from fenchel.sharding import DataParallel, device_mesh
+
+    job = _job(f"dense:{args.model_width}", "adam", train_size=args.device_samples)
+    dp = DataParallel(device_mesh(*parse_mesh(mesh)))
+    return {"mesh": mesh, "width": args.model_width, **_sharded_step_and_sweep(job, dp, args)}
 
 
 def parse_mesh(text: str) -> tuple:

@@ -224,7 +224,7 @@ class ShardedTrainer(Trainer):
     state's shardings from `DataParallel.state_sharding` (all replicated without a model axis): one program
     per batch shape, whose result equals the unsharded step's up to the order of floating-point sums. `x`,
     `y` given to `step` are whole (global) batches, which every process holds; each process places its own
-    rows (`DataParallel.shard`). The trainer needs a `layers` attribute (its layer specs).
+    rows (`DataParallel.shard`). A model axis needs the trainer's `layers` attribute (its layer specs).
     """
 
     def __init__(self, trainer: Trainer, parallel: DataParallel):
@@ -235,14 +235,14 @@ class ShardedTrainer(Trainer):
         self._programs: dict = {}
 
     def _compiled(self, state: Any) -> tuple:
-        """(jitted step, leaves of its state sharding) for states shaped like `state` (one per tree structure)."""
+        """(jitted step, its state sharding) for states shaped like `state` (one per tree structure)."""
         key = jax.tree_util.tree_structure(state)
         if key not in self._programs:
             p, trainer = self.parallel, self.trainer
             sharding = p.state_sharding(state, self.n_layers)
             program = jax.jit(lambda s, x, y: trainer.step(s, x, y), in_shardings=(sharding, p.batch, p.batch),
                               out_shardings=(sharding, p.replicated))
-            self._programs[key] = program, jax.tree_util.tree_leaves(sharding)
+            self._programs[key] = program, sharding
         return self._programs[key]
 
     def program(self, state: Any):
@@ -262,10 +262,10 @@ class ShardedTrainer(Trainer):
         return jax.tree_util.tree_map(_host_array, state)
 
     def step(self, state: Any, x, y) -> tuple[Any, StepInfo]:
-        leaves = jax.tree_util.tree_leaves(state)
-        _, shardings = self._compiled(state)
-        if not all(isinstance(leaf, jax.Array) and leaf.sharding == s for leaf, s in zip(leaves, shardings)):
-            state = self.parallel.place_state(state, self.n_layers)  # e.g. restored from a checkpoint (numpy)
+        _, sharding = self._compiled(state)
+        leaves, targets = jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(sharding)
+        if not all(isinstance(leaf, jax.Array) and leaf.sharding == t for leaf, t in zip(leaves, targets)):
+            state = jax.device_put(state, sharding)  # e.g. restored from a checkpoint (numpy), or replicated
         return self._step(state, self.parallel.shard(x), self.parallel.shard(y))
 
     def step_on_rows(self, state: Any, x, y, idx) -> tuple[Any, StepInfo]:
