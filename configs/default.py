@@ -42,7 +42,7 @@ def get_config():
     c.divergence_factor = 10.0  # stop when the training loss exceeds this multiple of its initial value
     c.record_every = 0  # save the parameters every this many steps to <workdir>/history (0: off)
     c.history_max_mb = 512.0  # recording stops once the history reaches this size
-    c.record_staircase = False  # lifted, alternations=1, record_every=1: also θ after each W block (see README, LCA)
+    c.record_staircase = False  # lifted, alternations=1, record_every=1: also θ after each W block (see docs/lca.md)
     c.progress = True  # tqdm progress bar with ETA
     # devices (see fenchel/sharding.py; results equal the one-device run's up to float rounding)
     c.mesh_data = 1  # devices on the data-parallel mesh axis (0: all); batch_size must be a multiple

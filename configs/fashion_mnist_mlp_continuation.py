@@ -2,7 +2,7 @@
 
     python -m experiments.run --config configs/fashion_mnist_mlp_continuation.py --workdir runs/fmnist_cont
 
-Measured (seeds 0–2, 10 epochs, no warm start; README, "λ as Lagrange multipliers"): 88.21 ± 0.20% test
+Measured (seeds 0–2, 10 epochs, no warm start; docs/lambda.md): 88.21 ± 0.20% test
 accuracy against 85.74 ± 0.41% at fixed λ = 3 and 88.08 ± 0.33% for Adam on the same network.
 """
 

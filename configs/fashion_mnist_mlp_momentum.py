@@ -3,7 +3,7 @@
 
     python -m experiments.run --config configs/fashion_mnist_mlp_momentum.py --workdir runs/fmnist_momentum
 
-Measured results: README, "Outer momentum".
+Measured results: docs/outer_momentum.md.
 """
 
 from configs import fashion_mnist_mlp

@@ -4,7 +4,7 @@
     python -m experiments.run --config configs/mnist_lenet5.py --workdir runs/mnist_lenet5
 
 Pooling is folded into the next layer's linear map (the lifted X hold the un-pooled maps). Baselines on the
-same flax CNN: --config.trainer=adam | sgd. Figures: see README (LeNet-5 section).
+same flax CNN: --config.trainer=adam | sgd. Figures: see docs/lenet5.md.
 """
 
 from configs import default

@@ -6,7 +6,7 @@ layer (the MLP settings of configs/mnist_mlp_momentum.py, not tuned for the CNN)
     python -m experiments.reproduce --config configs/mnist_lenet5_momentum.py --trainers fenchel,adam,sgd \
         --seeds 3 --workdir runs/lenet18_momentum
 
-About 36 minutes per lifted run on one core of the 2-core CPU; results: README, LeNet-5 section.
+About 36 minutes per lifted run on one core of the 2-core CPU; results: docs/lenet5.md.
 """
 
 from configs import mnist_lenet5

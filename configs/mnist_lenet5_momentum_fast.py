@@ -2,7 +2,7 @@
 `configs/mnist_lenet5_momentum.py` (β = 0.9, ρ' = 1 hidden / 10 output, 18 epochs) with 3 FISTA iterations per X
 block and 2 per W block instead of 10 and 3, as `configs/mnist_mlp_momentum_fast.py` does for the MLP. The
 minibatch update takes about 30% less time (`python -m experiments.bench_lenet --x-steps 3 --w-steps 2`); accuracy
-over 3 seeds: README, LeNet-5 section.
+over 3 seeds: docs/lenet5.md.
 
     python -m experiments.run --config configs/mnist_lenet5_momentum_fast.py --workdir runs/mnist_lenet5_fast
 """

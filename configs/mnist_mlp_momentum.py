@@ -6,7 +6,7 @@ updates, with ρ' = 1 on the hidden layer and 10 on the output layer (smaller st
         --config.activation=tanh
 
 Chosen on a 5,000-image validation split (3 epochs, seed 0) and applied unchanged to Fashion-MNIST and to
-sigmoid and tanh; measured results (3 seeds, 10 epochs, Adam and SGD in the same run): README, "Outer momentum".
+sigmoid and tanh; measured results (3 seeds, 10 epochs, Adam and SGD in the same run): docs/outer_momentum.md.
 A deeper network needs one ρ' per layer in rho_prox_per_layer.
 """
 

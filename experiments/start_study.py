@@ -8,7 +8,7 @@ The start phase runs on the first N training examples (batch 100, one pass; N ab
 whole epochs and then the rest): `--sgd-examples N` trains every layer by SGD (lr 0.05, momentum 0.9);
 `--readout-examples N` trains lifted with the hidden layers held in place by ρ' = 1e4 (only the output layer
 learns). Then `--epochs` lifted epochs with the config's settings. Prints test accuracy and training loss after
-the start phase and after each lifted epoch (README, "Sigmoid and tanh accuracy").
+the start phase and after each lifted epoch (docs/time_to_accuracy.md, "Sigmoid and tanh accuracy").
 """
 
 from __future__ import annotations

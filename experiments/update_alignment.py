@@ -13,7 +13,7 @@ Every `--every` steps of training (the launcher's config and trainer; batches fr
   norm_l  ‖ΔW_l‖ and ‖g_l‖;
   dL_l    L(W with layer l updated alone) − L(W) on that batch, and dL for the whole update;
   fresh   L(W) on the batch before the update (a batch the weights have not yet seen).
-With outer momentum, ΔW includes the momentum term. README: "Outer momentum".
+With outer momentum, ΔW includes the momentum term. See docs/outer_momentum.md, "Why it works".
 """
 
 from __future__ import annotations

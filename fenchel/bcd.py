@@ -92,7 +92,7 @@ class LiftedConfig:
       pseudo-gradient g = W_t − W' (W' the rounds' result from W_t) for optax SGD with learning rate 1 and
       momentum β: v ← βv + g, W_t+1 = W_t − v (β = 0 gives W'). Pair it with a larger ρ' (smaller, less noisy
       steps that momentum then accumulates), larger still on the output layer, whose scale otherwise runs
-      away (`configs/mnist_mlp_momentum.py`; README, "Outer momentum"). Weights only: λ and a head's state
+      away (`configs/mnist_mlp_momentum.py`; docs/outer_momentum.md). Weights only: λ and a head's state
       follow their own rules, computed at W'. Full-batch sweeps ignore it.
     stack_layers: hidden W blocks of the same shape (layer spec, input shape, ρ, ρ') solved as one block
       vmapped over their stacked layers: "on", "off", or "auto" (on except on the CPU backend, where it does

@@ -110,7 +110,8 @@ def _sigmoidal_root(fn_and_slope, bracket, t0, max_iters: int = ROOT_MAX_ITERS, 
     element's last step was ≤ √eps·(1 + |t|) (the next would be at rounding level), or max_iters steps in all. A
     start near the root (the previous FISTA iterate) needs one or two steps, so the loop usually runs no iteration:
     on XLA:CPU each loop iteration is a separate kernel launch and a host-side test, and the two unrolled steps took
-    the sigmoid and tanh lifted epochs from 1.60–1.77× to 1.37–1.61× a ReLU one (README, "Sigmoid and tanh speed").
+    the sigmoid and tanh lifted epochs from 1.60–1.77× to 1.37–1.61× a ReLU one
+    (docs/time_to_accuracy.md, "Sigmoid and tanh speed").
     The loop carries only t: no per-element bracket or flags, so an iteration is one elementwise pass and one
     reduction. Elementwise, so it vectorises and jits. with_iters: also return the steps taken.
 
