@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from absl import flags
 
+from experiments.configs_util import did_you_mean
 from experiments.workdir import WorkdirError
 from fenchel.data import DataError
 
@@ -31,7 +33,10 @@ def parse_flags(argv, config_flag: str = "config"):
     except flags.Error as err:
         fail(_first_line(err))
     except (SyntaxError, ImportError, AttributeError, TypeError, KeyError, *USER_ERRORS) as err:
-        fail(f"cannot load the config {path}: {_describe(err)}")
+        message = _describe(err)
+        key = re.match(r"unknown config key '([^']+)'", message)
+        given = next((a for a in argv if key and a.split("=", 1)[0] == f"--{config_flag}.{key.group(1)}"), None)
+        fail(f"{given or path}: {message}")
     return rest, config
 
 
@@ -41,7 +46,10 @@ def _describe(err) -> str:
     lines = [ln.strip().strip("'\"\\") for ln in text.splitlines() if ln.strip()]
     hint = next((ln for ln in lines if "did you mean" in ln.lower()), "")
     if isinstance(err, (AttributeError, KeyError)) and lines:
-        return f"unknown config key {lines[0]!r}" + (f" ({hint})" if hint else "")
+        if not hint:
+            from configs import default
+            return f"unknown config key {lines[0]!r}" + did_you_mean(lines[0], default.get_config().keys())
+        return f"unknown config key {lines[0]!r} ({hint})"
     if isinstance(err, SyntaxError):
         return f"syntax error in {err.filename}, line {err.lineno}: {err.msg}"
     return f"{type(err).__name__}: " + (lines[0] if lines else "") + (f" ({hint})" if hint else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 
@@ -19,3 +20,13 @@ def load_config(path) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config()")
     return module.get_config()
+
+
+def did_you_mean(key: str, known) -> str:
+    """" (did you mean 'a' or 'b'?)" naming up to three of the `known` keys spelled like `key` or containing it
+    (shortest first); "" when none is."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if len(key) >= 3:
+        close += sorted((k for k in known if key in k and k not in close), key=len)[:3 - len(close)]
+    return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""

@@ -41,6 +41,7 @@ from experiments.sweep import plan, report_failures, run_sweep
 from experiments.tables import write_tables
 from experiments.train import identity, validate_config
 from experiments.trainers import TRAINERS
+from fenchel.data import DataError, dataset_fingerprint
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_mlp.py"
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
@@ -185,7 +186,9 @@ def main(argv=None):
         sys.exit(2)
     try:
         variants = plan_variants(config, config_path.stem, parse_sets(args.set, config), trainers, seeds, workdir)
-    except ValueError as err:
+        for key in dict.fromkeys((run.dataset, run.data_dir or None, run.data_file or None) for run, _, _ in variants):
+            dataset_fingerprint(*key)  # every variant's data read and checked before any run
+    except (ValueError, DataError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)
     done, failed = [], []
@@ -195,10 +198,13 @@ def main(argv=None):
         failed += f
     print()
     everything = sorted(p for p in workdir.glob("*/*") if (p / "summary.json").exists())  # every row run so far
-    print(write_tables(everything or done, workdir / "table"))
-    for path in make_plots(everything or done, workdir / "plots"):
-        print(path)
-    print(f"tables: {workdir / 'table'}.{{md,csv,tex}}")
+    if everything or done:
+        print(write_tables(everything or done, workdir / "table"))
+        for path in make_plots(everything or done, workdir / "plots"):
+            print(path)
+        print(f"tables: {workdir / 'table'}.{{md,csv,tex}}")
+    else:
+        print(f"no run finished, so no table was written in {workdir}", file=sys.stderr)
     report_failures(failed)
     if failed:
         sys.exit(1)

@@ -230,6 +230,14 @@ def assign(runs, grouping: _Grouping | None = None) -> tuple[dict, dict, dict]:
             values = {k: grouping.base(run).get(k, _MISSING) for k in split}
             row = (dataset, arch, _label(values))
             row_of[id(run)], row_order[row] = row, (dataset, arch, _order(values))
+    data_of = {}  # row → (sha256, run) of the first run that recorded its data
+    for run in runs:
+        sha = run.summary.get("data_sha256")
+        first = data_of.setdefault(row_of[id(run)], (sha, run)) if sha is not None else None
+        if first is not None and first[0] != sha:
+            raise WorkdirError(f"{first[1].path / 'summary.json'} and {run.path / 'summary.json'} share a table row "
+                               f"but were computed on different data (sha256 {first[0][:12]}… and {sha[:12]}…): "
+                               "rerun the stale one on the current data, in a fresh workdir")
 
     per_row_trainer = {}
     for run in runs:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import flax.serialization
@@ -35,6 +36,7 @@ import numpy as np
 
 from configs import default as default_config
 from experiments import loop
+from experiments.configs_util import did_you_mean
 from experiments.trainers import TRAINERS, all_fields
 from experiments.workdir import ParamHistory, ReadOnlyWorkdir, Workdir, WorkdirError, config_hash
 from fenchel.data import DATASETS, load_dataset
@@ -66,7 +68,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     known = default_config.get_config()
     unknown = sorted(set(config.keys()) - set(known.keys()))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known.keys())}")
+        raise ValueError("; ".join(f"unknown config key {k!r}{did_you_mean(k, known.keys())}" for k in unknown)
+                         + " (every key, with its default, is in configs/default.py)")
     c = config
 
     def need(cond, msg):
@@ -139,6 +142,20 @@ def config_differences(saved: dict, config) -> list:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def data_source(config) -> str:
+    """The data a config reads, as error messages name it."""
+    return config.data_file if config.dataset == "npz" else f"{config.dataset} ({config.data_dir or 'default folder'})"
+
+
+def check_data(recorded: Optional[str], now: str, path, config) -> None:
+    """A checkpoint or summary `path` recorded on other data (sha256 `recorded`; None: written before runs
+    recorded it) than the config's data now (`now`, `fenchel.data.fingerprint`) is an error naming both."""
+    if recorded is not None and recorded != now:
+        raise WorkdirError(f"{path} was computed on other data: {data_source(config)} now has sha256 {now[:12]}…, "
+                           f"the run's had {recorded[:12]}…; use a fresh workdir (or delete {Path(path).parent}) "
+                           "to train on the new data")
+
+
 # ---------------------------------------------------------------- job
 class Job:
     """Data, network, trainer and evaluation of one run (no workdir bookkeeping)."""
@@ -152,6 +169,7 @@ class Job:
                             train_size=c.train_size or None, test_size=c.test_size or None,
                             data_file=c.data_file or None)
         self.data = data
+        self.data_fingerprint = data.fingerprint  # recorded in checkpoints and the summary (`_Run.check_data`)
         n = data.x_train.shape[0]
         if c.batch_size > n:
             raise ValueError(f"bad config: batch_size={c.batch_size} exceeds the {n} training examples")
@@ -257,8 +275,8 @@ def _make_progress(config, total, initial):
 
 def _kept(workdir: Workdir, epoch: int) -> str:
     if epoch <= 0:
-        return f"no checkpoint was saved before it (it failed in its first epoch), so {workdir.path} holds no " \
-               "trained state; change the settings and relaunch"
+        return (f"no checkpoint was saved before it (it failed in its first epoch), so {workdir.path} holds no "
+                "trained state; relaunch with other settings in a fresh workdir (or delete this one)")
     return f"the last good checkpoint in {workdir.path} (epoch {epoch}) is kept"
 
 
@@ -270,6 +288,9 @@ class _Run:
         self.hash = config_hash(identity(job.config))
         self.last_record = None
 
+    def check_data(self, recorded: Optional[str], path) -> None:
+        check_data(recorded, self.job.data_fingerprint, path, self.config)
+
     # -------------------------------------------------------- checkpoints
     def _template(self):
         return {"epoch": 0, "wall": 0.0, "initial_loss": 0.0, "state": self.job.trainer.init(self.job.params0)}
@@ -278,14 +299,15 @@ class _Run:
         if self.job.parallel is not None:  # host arrays from this process's shards (a model-sharded state too)
             ckpt = {**ckpt, "state": self.job.trainer.host_state(ckpt["state"])}
         meta = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["epoch"]) * self.job.steps_per_epoch,
-                "config_hash": self.hash, "trainer": self.config.trainer}
+                "config_hash": self.hash, "trainer": self.config.trainer, "data_sha256": self.job.data_fingerprint}
         self.workdir.save_checkpoint(flax.serialization.to_bytes(ckpt), meta)
 
     def restore(self) -> Optional[dict]:
         loaded = self.workdir.load_checkpoint(expected_config_hash=self.hash)
         if loaded is None:
             return None
-        _, payload = loaded
+        header, payload = loaded
+        self.check_data(header.get("data_sha256"), self.workdir.checkpoint_path)
         try:
             return flax.serialization.from_bytes(self._template(), payload)
         except Exception as err:  # noqa: BLE001 - any decoding failure means a file we cannot use
@@ -406,6 +428,7 @@ class _Run:
         job, c = self.job, self.config
         existing = self.workdir.read_summary()
         if existing is not None:
+            self.check_data(existing.get("data_sha256"), self.workdir.summary_path)
             return existing
         # a process other than 0 reports what it computed itself (process 0 may still be writing)
         records = self.workdir.read_metrics() if self.workdir.writable else [self.last_record]
@@ -418,7 +441,7 @@ class _Run:
             "activation": c.activation, "seed": c.seed, "epochs": job.total_epochs,
             "steps": job.total_epochs * job.steps_per_epoch, "wall_time": wall,
             "test_accuracy": final["test_accuracy"], "train_loss": final["train_loss"],
-            "config_hash": self.hash,
+            "config_hash": self.hash, "data_sha256": job.data_fingerprint,
         }
         if "lifted_objective" in final:
             summary["lifted_objective"] = final["lifted_objective"]

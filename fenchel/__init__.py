@@ -11,10 +11,11 @@ Public API:
   SolverConfig                          stopping rule of each block solve
   heads.Head, heads.MERGES              K output branches merged by sum, mean or GuideBP's guide
 
-Importing fenchel sets OPENBLAS_NUM_THREADS=1 unless it is set (`fenchel._blas`).
+Importing fenchel sets OPENBLAS_NUM_THREADS=1 and an XLA:CPU loop-copy option, each unless the user set it
+(`fenchel._cpu`).
 """
 
-from fenchel import _blas, heads, layers  # noqa: F401  (_blas first: before any LAPACK call)
+from fenchel import _cpu, heads, layers  # noqa: F401  (_cpu first: before any LAPACK call or compile)
 from fenchel.bcd import SCHEDULES, LiftedConfig, LiftedTrainer
 from fenchel.blocks import SolverConfig
 from fenchel.heads import MERGES, Head

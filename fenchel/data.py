@@ -55,6 +55,7 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    fingerprint: str = ""  # `fingerprint` of the arrays as loaded (before any split, scaling or subset)
 
 
 class RawData(NamedTuple):
@@ -168,6 +169,9 @@ def load_npz(path) -> RawData:
     Pickled (object) arrays are refused; shapes, labels and values are checked by `load_dataset`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; the 'npz' dataset reads data_file, an .npz file holding "
+                        f"{', '.join(NPZ_ARRAYS)}")
     if not path.is_file():
         raise DataError(f"{path}: not found (the 'npz' dataset reads data_file, an .npz holding "
                         f"{', '.join(NPZ_ARRAYS)})")
@@ -175,7 +179,8 @@ def load_npz(path) -> RawData:
     try:
         archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as err:
-        raise DataError(f"{path}: not an .npz archive ({type(err).__name__}: {err}); {how}") from None
+        why = "an .npz is a zip file of .npy arrays" if not zipfile.is_zipfile(path) else f"{type(err).__name__}: {err}"
+        raise DataError(f"{path}: not an .npz archive ({why}); {how}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: a single .npy array, not an .npz archive; {how}")
     with archive:
@@ -311,6 +316,12 @@ def _validated(raw: RawData) -> RawData:
     num_classes = raw.num_classes
     if num_classes is None:
         num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+        absent = np.setdiff1d(np.arange(num_classes), arrays["y_train"])
+        if absent.size:
+            shown = ", ".join(f"{k:g}" for k in absent[:10]) + (", …" if absent.size > 10 else "")
+            raise DataError(f"{src}: the labels imply {num_classes} classes (0..{num_classes - 1}), but "
+                            f"{absent.size} of them have no training example ({shown}); relabel the classes "
+                            "0..K−1, or store a num_classes array to keep classes without examples")
     if num_classes > np.iinfo(np.int32).max:
         raise DataError(f"{src}: {num_classes} classes do not fit int32 labels")
     for name in ("y_train", "y_test"):
@@ -326,6 +337,18 @@ def _validated(raw: RawData) -> RawData:
             raise DataError(f"{src}: {name} holds NaN or inf (as float32), first in example {np.argmin(finite)}")
     return RawData(features["x_train"], arrays["y_train"].astype(np.int32), features["x_test"],
                    arrays["y_test"].astype(np.int32), num_classes, src)
+
+
+def fingerprint(raw: RawData) -> str:
+    """sha256 of a loader's arrays (dtype, shape and bytes of x_train, y_train, x_test, y_test) and class count:
+    what a run's checkpoint and summary record, so a result is never reused for other data."""
+    h = hashlib.sha256()
+    for name in NPZ_ARRAYS:
+        a = np.ascontiguousarray(getattr(raw, name))
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    h.update(f"num_classes:{raw.num_classes}".encode())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ public
@@ -358,7 +381,9 @@ def load_dataset(
     for key, size in (("train_size", train_size), ("test_size", test_size)):
         if size is not None and size < 1:
             raise ValueError(f"{key} must be at least 1 (or None for all examples), got {size}")
-    tr_x, tr_y, te_x, te_y, num_classes, _ = _validated(LOADERS[name](data_dir, data_file))
+    raw = LOADERS[name](data_dir, data_file)
+    tr_x, tr_y, te_x, te_y, num_classes, _ = _validated(raw)
+    sha = fingerprint(raw)
     if tr_x.ndim == 3:
         tr_x, te_x = tr_x[..., None], te_x[..., None]
     if normalize:
@@ -373,6 +398,10 @@ def load_dataset(
         raise ValueError(f"val_size must be in [0, {tr_x.shape[0]}), got {val_size}")
     va_x, va_y = tr_x[:val_size], tr_y[:val_size]
     tr_x, tr_y = tr_x[val_size:], tr_y[val_size:]
+    for key, size, available in (("train_size", train_size, tr_x.shape[0]), ("test_size", test_size, te_x.shape[0])):
+        if size is not None and size > available:
+            raise ValueError(f"{key}={size} exceeds the {available} {key[:-5]} examples of {raw.source}"
+                             + (f" left after val_size={val_size}" if key == "train_size" and val_size else ""))
     if train_size is not None:
         tr_x, tr_y = tr_x[:train_size], tr_y[:train_size]
     if test_size is not None:
@@ -380,4 +409,14 @@ def load_dataset(
     if flatten:
         tr_x, va_x, te_x = (a.reshape(a.shape[0], int(np.prod(a.shape[1:]))) for a in (tr_x, va_x, te_x))
     cast = np.ascontiguousarray
-    return Dataset(cast(tr_x), cast(tr_y), cast(va_x), cast(va_y), cast(te_x), cast(te_y), num_classes)
+    return Dataset(cast(tr_x), cast(tr_y), cast(va_x), cast(va_y), cast(te_x), cast(te_y), num_classes, sha)
+
+
+def dataset_fingerprint(name: str, data_dir: Optional[str] = None, data_file: Optional[str] = None) -> str:
+    """`fingerprint` of a dataset's arrays, after the same checks as `load_dataset` (a bad file is the same
+    `DataError`): what a finished run recorded, to compare before its result is reused."""
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    raw = LOADERS[name](data_dir, data_file)
+    _validated(raw)
+    return fingerprint(raw)

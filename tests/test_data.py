@@ -307,3 +307,54 @@ def test_data_file_and_data_dir_go_to_the_right_datasets(tmp_path):
         load_dataset("mnist", data_file=path)
     with pytest.raises(ValueError, match="train_size must be at least 1"):
         load_dataset("npz", data_file=path, train_size=-2)
+
+
+def _save(path, y_train, y_test=None, x=None, **extra):
+    x = np.random.default_rng(0).normal(size=(len(y_train), 3)).astype(np.float32) if x is None else x
+    y_test = y_train if y_test is None else y_test
+    np.savez(path, x_train=x, y_train=np.asarray(y_train), x_test=x[:len(y_test)], y_test=np.asarray(y_test), **extra)
+
+
+def test_the_fingerprint_follows_the_content_not_the_path(tmp_path):
+    _save(tmp_path / "a.npz", [0, 1, 2, 1])
+    _save(tmp_path / "b.npz", [0, 1, 2, 1])
+    _save(tmp_path / "c.npz", [0, 1, 2, 2])  # one label differs
+    sha = {k: data.dataset_fingerprint("npz", data_file=str(tmp_path / f"{k}.npz")) for k in "abc"}
+    assert sha["a"] == sha["b"] != sha["c"]
+    assert len(sha["a"]) == 64
+    d = load_dataset("npz", data_file=str(tmp_path / "a.npz"), train_size=2, normalize=True, seed=3)
+    assert d.fingerprint == sha["a"], "the fingerprint is of the file's arrays, before subsets and scaling"
+    x = np.zeros((4, 3), np.float32)
+    _save(tmp_path / "d.npz", [0, 1, 2, 1], x=x)
+    _save(tmp_path / "e.npz", [0, 1, 2, 1], x=x.astype(np.float64))  # equal values, another dtype
+    assert data.dataset_fingerprint("npz", data_file=str(tmp_path / "d.npz")) != \
+        data.dataset_fingerprint("npz", data_file=str(tmp_path / "e.npz"))
+    assert load_dataset("mnist", test_size=5).fingerprint == data.dataset_fingerprint("mnist")
+
+
+def test_classes_without_training_examples_and_oversized_subsets_are_errors(tmp_path):
+    _save(tmp_path / "gaps.npz", [0, 10, 20, 0], y_test=[0, 10, 20, 0])
+    with pytest.raises(DataError, match=r"labels imply 21 classes \(0..20\), but 18 of them have no training "
+                                         r"example \(1, 2, 3, .*relabel"):
+        load_dataset("npz", data_file=str(tmp_path / "gaps.npz"))
+    _save(tmp_path / "test_only.npz", [0, 1, 1, 0], y_test=[0, 2, 1, 0])
+    with pytest.raises(DataError, match=r"3 classes \(0..2\), but 1 of them have no training example \(2\)"):
+        load_dataset("npz", data_file=str(tmp_path / "test_only.npz"))
+    _save(tmp_path / "declared.npz", [0, 10, 20, 0], num_classes=np.array(21))  # declared: kept as given
+    assert load_dataset("npz", data_file=str(tmp_path / "declared.npz")).num_classes == 21
+    _save(tmp_path / "ok.npz", [0, 1, 2, 1, 0, 2])
+    with pytest.raises(ValueError, match="train_size=6 exceeds the 5 train examples of .*ok.npz left after "
+                                         "val_size=1"):
+        load_dataset("npz", data_file=str(tmp_path / "ok.npz"), val_size=1, train_size=6)
+    with pytest.raises(ValueError, match="test_size=7 exceeds the 6 test examples"):
+        load_dataset("npz", data_file=str(tmp_path / "ok.npz"), test_size=7)
+    assert load_dataset("npz", data_file=str(tmp_path / "ok.npz"), val_size=1, train_size=5).x_train.shape == (5, 3)
+
+
+def test_a_folder_or_a_text_file_as_data_file_gets_a_plain_message(tmp_path):
+    with pytest.raises(DataError, match="is a folder; the 'npz' dataset reads data_file, an .npz file"):
+        load_dataset("npz", data_file=str(tmp_path))
+    (tmp_path / "notes.npz").write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match=r"not an .npz archive \(an .npz is a zip file of .npy arrays\)") as err:
+        load_dataset("npz", data_file=str(tmp_path / "notes.npz"))
+    assert "allow_pickle" not in str(err.value)

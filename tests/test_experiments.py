@@ -383,7 +383,8 @@ def cli(*args, cwd=ROOT, timeout=120):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.lamda=2"], "unknown config key 'lamda' (Did you mean \"lambda_\""),
+    (["--config.lamda=2"], "--config.lamda=2: unknown config key 'lamda' (Did you mean \"lambda_\""),
+    (["--config.epoch=3"], "--config.epoch=3: unknown config key 'epoch' (did you mean 'total_epochs'"),
     (["--config.seed=-1"], "seed=-1 must be ≥ 0"),
     (["--config.layers=dense:32,dense:abc"], "layers: 'dense:abc' needs an integer width"),
     (["--config.batch_size=big"], "batch_size"),
@@ -654,3 +655,76 @@ def test_signal_decay_reports_each_layers_move_and_a_weaker_lower_lambda_moves_x
     assert all(np.isfinite(v) and v > 0 for v in same["x"] + same["w"])
     assert weaker["x"][0] > same["x"][0]
     assert weaker["x"][1] == pytest.approx(same["x"][1], rel=1e-6)  # X_2's block does not involve λ_0
+
+
+# ---------------------------------------------------------------- results are tied to their data
+def _blobs(path, seed, n_classes=3, width=20):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (n_classes, width))
+
+    def sample(n):
+        y = np.arange(n) % n_classes
+        return (centres[y] + rng.normal(0, 1, (n, width))).astype(np.float32), y
+
+    (x_train, y_train), (x_test, y_test) = sample(200), sample(100)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def test_a_run_whose_data_file_changed_is_refused_not_reused(tmp_path, capsys):
+    """Regenerating the .npz at the same path must not resume the run nor reuse its result (sweeps, tables)."""
+    data = tmp_path / "blobs.npz"
+    _blobs(data, seed=0)
+    config = tiny(trainer="adam", dataset="npz", data_file=str(data), train_size=0, test_size=0, batch_size=50,
+                  layers="dense:8", total_epochs=2, objective_batch=100)
+    first = train_and_evaluate(config, tmp_path / "run", max_epochs_this_run=1)
+    assert first == {"interrupted_after_epoch": 1}
+    _blobs(data, seed=1)  # same shapes and path, other numbers
+    with pytest.raises(WorkdirError, match=r"checkpoint.msgpack was computed on other data: .*blobs.npz now has"):
+        train_and_evaluate(config, tmp_path / "run")
+    _blobs(data, seed=0)  # the original data back: the run resumes and finishes
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["epochs"] == 2 and len(summary["data_sha256"]) == 64
+
+    # a sweep reuses the finished run only while its data is unchanged
+    name, sweep_root = "blobs", tmp_path / "sweep"
+    done, failed = run_sweep(config, name, ["adam"], [0], sweep_root)
+    assert len(done) == 1 and not failed
+    done, failed = run_sweep(config, name, ["adam"], [0], sweep_root)
+    assert len(done) == 1 and not failed and "reused" in capsys.readouterr().out
+    _blobs(data, seed=1)
+    done, failed = run_sweep(config, name, ["adam"], [0], sweep_root)
+    assert not done and len(failed) == 1
+    assert "summary.json was computed on other data" in failed[0][1]
+
+    # two finished runs of one table row on different data: an error naming both files, not a table
+    _blobs(data, seed=0)
+    other = train_and_evaluate(tiny(**{**config.to_dict(), "trainer": "fenchel"}), tmp_path / "other")
+    assert other["data_sha256"] == summary["data_sha256"]
+    tables.write_tables([tmp_path / "run", tmp_path / "other"], tmp_path / "table")  # same data: fine
+    summary_path = tmp_path / "other" / "summary.json"
+    stored = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**stored, "data_sha256": "0" * 64}))
+    with pytest.raises(WorkdirError, match="share a table row but were computed on different data"):
+        tables.write_tables([tmp_path / "run", tmp_path / "other"], tmp_path / "table")
+
+
+def test_reproduce_checks_every_dataset_before_any_run_and_reports_when_nothing_finished(tmp_path):
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    _blobs(good, seed=0)
+    x = np.zeros((10, 4), np.float32)
+    np.savez(bad, x_train=x, y_train=np.arange(10) % 2 - 1, x_test=x, y_test=np.zeros(10, int))  # a label −1
+    base = ["-m", "experiments.reproduce", "--config", "configs/tiny.py", "--trainers", "adam", "--seeds", "1",
+            "--set", "dataset=npz", "--set", "total_epochs=1", "--set", "train_size=0", "--set", "test_size=0",
+            "--set", "layers=dense:8"]
+
+    def reproduce(*args):
+        return subprocess.run([sys.executable, *base, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    out = reproduce("--set", f"data_file={good},{bad}", "--set", "batch_size=50", "--workdir", str(tmp_path / "r1"))
+    assert out.returncode == 2, out.stderr
+    assert f"{bad}: y_train has negative label -1" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r1").exists(), "nothing ran, nothing was written"
+    out = reproduce("--set", f"data_file={good}", "--set", "batch_size=500", "--workdir", str(tmp_path / "r2"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "no run finished" in out.stderr and "batch_size=500 exceeds the 200 training examples" in out.stderr

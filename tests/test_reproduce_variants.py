@@ -78,7 +78,8 @@ def test_plots_give_each_cell_its_own_colour(guide_runs, monkeypatch):
 
 
 @pytest.mark.parametrize("option, message", [
-    ("bogus_key=1", "unknown config key(s) ['bogus_key']"),
+    ("bogus_key=1", "unknown config key 'bogus_key' (every key, with its default, is in configs/default.py)"),
+    ("epochs=3", "unknown config key 'epochs' (did you mean 'total_epochs'"),
     ("merge=sum,bogus", "merge='bogus', expected one of"),
     ("branches=0", "branches=0 must be an integer ≥ 1"),
     ("branches=three", "branches=three: expected an integer"),
