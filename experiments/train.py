@@ -157,6 +157,9 @@ def check_data(recorded: Optional[str], now: str, path, config) -> None:
 
 
 # ---------------------------------------------------------------- job
+RAW_SCALE_NOTE = 100.0  # a note suggests normalize=True above this largest |feature| (uint8 images load as [0, 1])
+
+
 class Job:
     """Data, network, trainer and evaluation of one run (no workdir bookkeeping)."""
 
@@ -169,6 +172,11 @@ class Job:
                             train_size=c.train_size or None, test_size=c.test_size or None,
                             data_file=c.data_file or None)
         self.data = data
+        scale = float(np.abs(data.x_train).max())
+        if not c.normalize and scale > RAW_SCALE_NOTE and jax.process_index() == 0:
+            print(f"note: the training features reach |x| = {scale:.3g}; the lifted penalties and ρ, λ are not "
+                  "scale-free (Adam nearly is), so set --config.normalize=True for features in raw units",
+                  file=sys.stderr)
         self.data_fingerprint = data.fingerprint  # recorded in checkpoints and the summary (`_Run.check_data`)
         n = data.x_train.shape[0]
         if c.batch_size > n:
@@ -353,6 +361,11 @@ class _Run:
             history.discard_after(start_epoch * job.steps_per_epoch * unit)
             if start_epoch == 0:
                 history.add(0, _flat_params(job.params0))
+        if wd.writable:  # what is about to run, in one line (process 0)
+            d = job.data
+            print(f"{c.trainer} on {data_source(c)}: {len(d.y_train)} training / {len(d.y_test)} test examples of "
+                  f"shape {tuple(job.in_shape)}, {d.num_classes} classes; network {job.architecture}; "
+                  f"{job.total_epochs} epochs of {job.steps_per_epoch} steps", file=sys.stderr)
         if start_epoch:
             print(f"resuming {wd.path} from epoch {start_epoch}", file=sys.stderr)
 

@@ -429,7 +429,7 @@ class LiftedTrainer(Trainer):
         def one(layer, x_in, x_out, lam, anchor):
             return blocks.solve_w_hidden(self.penalty, self.layers[first], layer, x_in, x_out, lam,
                                          self.rhos[first], c.w_solver, anchor, self.rho_proxes[first], c.w_mode,
-                                         anchor_is_start)
+                                         anchor_is_start, fallback=False)  # a cond under vmap runs both branches
 
         dtype = params[first]["kernel"].dtype
         anchor = None if anchors is None else stack([anchors[l] for l in group])

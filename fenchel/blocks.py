@@ -40,9 +40,11 @@ from fenchel.solvers import (
     FISTA,
     Composite,
     FISTAState,
+    Result,
     SolveInfo,
     cholesky_inverse,
     gram_majoriser,
+    majoriser_jitter,
     power_iteration,
     result_code,
     row_sums,
@@ -537,7 +539,9 @@ def solve_w_primal_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
     mu = jnp.concatenate([jnp.full((z.shape[1],), 2.0 * (block.rho + rp), z.dtype), jnp.full((1,), 2.0 * rp, z.dtype)])
     p_mat = gram_majoriser(z1, block.fit_curvature, mu)  # the metric of ProxProp's exact step, too
     p_mat = p_mat + 1e-10 * (jnp.trace(p_mat) / p_mat.shape[0] + 1e-30) * jnp.eye(p_mat.shape[0], dtype=z.dtype)
-    l_inv = cholesky_inverse(p_mat)  # P⁻¹R = L⁻ᵀ(L⁻¹R), two products per iteration
+    # P⁻¹R = L⁻ᵀ(L⁻¹R), two products per iteration; L is the factor of P + δ·diag(P), δ = 10·n·ε, a majoriser too,
+    # which float32 can factor when inputs are nearly collinear (saturated or constant features, raw scales)
+    l_inv = cholesky_inverse(p_mat, majoriser_jitter(p_mat.shape[0], z.dtype))
     k_shape = layer["kernel"].shape
     u_shape = (block.x_in.shape[0], *spec.out_shape(block.x_in.shape[1:]))
 
@@ -571,9 +575,20 @@ W_SOLVERS = {"primal": solve_w_primal, "primal_mm": solve_w_primal_mm, "kernel":
              "kernel_mm": solve_w_kernel_mm}
 
 
-def solve_w(block: WBlock, cfg: SolverConfig, w_mode: str = "auto") -> tuple[dict, SolveInfo]:
-    """Solve a W block in the form the layer spec picks for `w_mode`."""
-    return W_SOLVERS[block.spec.w_form(w_mode, block.x_in, block.mu)](block, cfg)
+def solve_w(block: WBlock, cfg: SolverConfig, w_mode: str = "auto", fallback: bool = True) -> tuple[dict, SolveInfo]:
+    """Solve a W block in the form the layer spec picks for `w_mode`.
+
+    fallback: a kernel_mm solve that meets a non-finite value is solved again in the primal_mm form. The
+    kernel form's N × N system ZZᵀ + (μ/c)I cannot be factored in float32 when the block's inputs are huge
+    or nearly collinear (raw features of scale 10⁴: condition numbers of 10¹⁰), where the primal majoriser,
+    equilibrated and jittered (`cholesky_inverse`), can. The retry runs only when needed (`lax.cond`), except
+    under `vmap`, where both branches would run: stacked layers pass False.
+    """
+    form = block.spec.w_form(w_mode, block.x_in, block.mu)
+    out, info = W_SOLVERS[form](block, cfg)
+    if form != "kernel_mm" or not fallback:
+        return out, info
+    return jax.lax.cond(info.result == Result.NONFINITE, lambda: solve_w_primal_mm(block, cfg), lambda: (out, info))
 
 
 def solve_w_hidden(
@@ -589,10 +604,12 @@ def solve_w_hidden(
     rho_prox: float = 0.0,
     w_mode: str = "auto",
     anchor_is_start: bool = False,
+    fallback: bool = True,
 ) -> tuple[dict, SolveInfo]:
     """argmin_{W,b} (1/N) Σ λ P(A(X_in; W) + b, X_out) + ρ‖W‖² + ρ'‖(W, b) − anchor‖².
 
     λ is a scalar or one value per output neuron; the majoriser's curvature then takes the largest.
+    fallback: see `solve_w`.
     """
     n = x_in.shape[0]
 
@@ -601,7 +618,7 @@ def solve_w_hidden(
 
     block = WBlock(spec, fit, _largest(lam) / n * penalty.curvature_u, layer, x_in, rho, anchor, rho_prox,
                    anchor_is_start)
-    return solve_w(block, cfg, w_mode)
+    return solve_w(block, cfg, w_mode, fallback)
 
 
 def solve_w_out(

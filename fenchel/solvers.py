@@ -290,15 +290,32 @@ def gram_majoriser(a: jax.Array, curvature, diag: jax.Array) -> jax.Array:
     return curvature * (a.T @ a) + jnp.diag(diag)
 
 
-def cholesky_inverse(m: jax.Array) -> jax.Array:
-    """L⁻¹ for the SPD M = LLᵀ, so that M⁻¹R = L⁻ᵀ(L⁻¹R) is two matrix products.
+def cholesky_inverse(m: jax.Array, jitter: float = 0.0) -> jax.Array:
+    """L⁻¹ for the SPD M + jitter·diag(M) = LLᵀ, so that its inverse times R is two matrix products, L⁻ᵀ(L⁻¹R).
 
     L⁻¹ is formed explicitly (one triangular solve against I): XLA's CPU triangular solve with many
     right-hand sides is ~20× slower than the two products (16.8 against 0.4 ms for N = 100, 300 columns),
     and the block solvers apply M⁻¹ once per iteration with the same M.
+
+    M is equilibrated first: with D = diag(M)^½, M = D Q D and Q (unit diagonal) is factored, so L = D L_Q and
+    L⁻¹ = L_Q⁻¹D⁻¹, the same L in exact arithmetic. jitter > 0 factors Q + jitter·I instead, i.e.
+    M + jitter·diag(M): larger than M, so the factor of a majoriser stays that of a majoriser, and, relative to
+    each diagonal entry, it spares features of small scale. Q + jitter·I has a condition number of at most
+    (1 + jitter)/jitter, so with `majoriser_jitter` a rank-deficient Gram matrix of nearly collinear inputs
+    (saturated or constant features, raw scales of 10⁴) factors in float32, where M itself does not.
     """
-    chol = jnp.linalg.cholesky(m)
-    return jax.scipy.linalg.solve_triangular(chol, jnp.eye(m.shape[0], dtype=m.dtype), lower=True)
+    d = jnp.sqrt(jnp.diag(m))
+    d = jnp.where(d > 0, d, 1.0)
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    chol = jnp.linalg.cholesky(m / d[:, None] / d[None, :] + jitter * eye)
+    return jax.scipy.linalg.solve_triangular(chol, eye, lower=True) / d[None, :]
+
+
+def majoriser_jitter(n: int, dtype) -> float:
+    """10·n·ε of the dtype: a relative diagonal increment that a Cholesky factorisation of an n × n matrix in
+    that precision always survives (2.5·10⁻⁵ for n = 21 in float32; 5·10⁻¹⁴ in float64), and that changes an MM
+    step by about as much."""
+    return 10.0 * n * float(jnp.finfo(dtype).eps)
 
 
 def spd_solve(m: jax.Array, r: jax.Array) -> jax.Array:

@@ -1103,3 +1103,38 @@ def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start)
         expected = xs[k - 1] if fg(xs[k - 1])[0] <= fg(theta0)[0] else theta0  # the safeguard
         np.testing.assert_allclose(np.vstack([p["kernel"], p["bias"]]), expected, atol=1e-10, err_msg=f"step {k}")
         assert float(info.residual) == pytest.approx(residuals[k - 1], rel=1e-8)
+
+
+def test_a_kernel_w_block_that_float32_cannot_factor_is_solved_in_the_primal_form():
+    """Raw-scale, nearly collinear inputs (N = 50 ≤ 80 inputs: the kernel form) make the kernel_mm system
+    ZZᵀ + (μ/c)I indefinite once formed in float32, and so unfactorable: without the fallback the solve reports
+    NONFINITE (and the launcher would stop the run); with it, `solve_w` returns the primal_mm solve of the same
+    block, a finite point no worse than the start."""
+    from fenchel.lifted import loss_per_sample
+
+    rng = np.random.default_rng(11)
+    f32 = jnp.float32
+    # one shared row of scale 10⁴ plus unit noise: ZZᵀ's float32 rounding (≈ 10⁻⁷·10¹⁰) swamps its small eigenvalues
+    x_in = jnp.asarray(1e4 * np.abs(rng.normal(size=(1, 80))) + rng.normal(size=(50, 80)), f32)
+    y = jax.nn.one_hot(rng.integers(0, 5, 50), 5, dtype=f32)
+    layer = {"kernel": jnp.asarray(rng.normal(size=(80, 5)) * 1e-3, f32), "bias": jnp.zeros(5, f32)}
+    spec = Dense(5)
+
+    def fit(u):
+        return jnp.mean(loss_per_sample("softmax", y, u))
+
+    block = blocks.WBlock(spec, fit, 1.0 / 50, layer, x_in, 1e-5, layer, 0.1, True)
+    cfg = SolverConfig(tol=1e-4, max_steps=3)
+    assert spec.w_form("auto", x_in, block.mu) == "kernel_mm"
+    _, plain = blocks.solve_w(block, cfg, "kernel_mm", fallback=False)
+    assert int(plain.result) == Result.NONFINITE
+    out, info = blocks.solve_w(block, cfg, "kernel_mm")
+    ref, ref_info = blocks.solve_w_primal_mm(block, cfg)
+    assert int(info.result) == int(ref_info.result) != Result.NONFINITE
+    assert int(info.steps) == int(ref_info.steps)
+    # the same solve (compiled inside a cond, so rounded differently: the block is ill-conditioned)
+    np.testing.assert_allclose(float(info.value), float(ref_info.value), rtol=1e-4)
+    scale = float(np.abs(np.asarray(ref["kernel"])).max())
+    np.testing.assert_allclose(np.asarray(out["kernel"]), np.asarray(ref["kernel"]), rtol=0, atol=1e-2 * scale)
+    assert np.all(np.isfinite(np.asarray(out["kernel"])))
+    assert float(info.value) <= float(fit(x_in @ layer["kernel"] + layer["bias"])) * (1 + 1e-6)

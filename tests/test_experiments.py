@@ -728,3 +728,21 @@ def test_reproduce_checks_every_dataset_before_any_run_and_reports_when_nothing_
     out = reproduce("--set", f"data_file={good}", "--set", "batch_size=500", "--workdir", str(tmp_path / "r2"))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "no run finished" in out.stderr and "batch_size=500 exceeds the 200 training examples" in out.stderr
+
+
+def test_features_in_raw_units_get_a_note_suggesting_normalize(tmp_path, capsys):
+    """Lifted training is not scale-free: features of scale 10³ get a note (once, before training) pointing to
+    normalize=True; normalised, or in [0, 1], they get none."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(300, 6)) * np.array([1, 1, 1, 1, 1, 2000.0])).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    np.savez(tmp_path / "raw.npz", x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    base = dict(trainer="adam", dataset="npz", data_file=str(tmp_path / "raw.npz"), train_size=0, test_size=0,
+                batch_size=50, layers="dense:8", total_epochs=1, objective_batch=100)
+    train_and_evaluate(tiny(**base), tmp_path / "a")
+    err = capsys.readouterr().err
+    assert "note: the training features reach |x| = " in err
+    assert (f"adam on {tmp_path / 'raw.npz'}: 200 training / 100 test examples of shape (6,), 2 classes; "
+            "network 6-8-2; 1 epochs of 4 steps") in err  # the start-up line says what runs
+    train_and_evaluate(tiny(**base, normalize=True), tmp_path / "b")
+    assert "normalize=True" not in capsys.readouterr().err

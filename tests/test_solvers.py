@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from fenchel.solvers import FISTA, Composite, Result, cholesky_inverse, gram_majoriser, power_iteration, spd_solve
+from fenchel.solvers import (
+    FISTA,
+    Composite,
+    Result,
+    cholesky_inverse,
+    gram_majoriser,
+    majoriser_jitter,
+    power_iteration,
+    spd_solve,
+)
 
 LO, HI = -0.4, 0.6  # the box of the test problems' constraint
 
@@ -141,6 +150,33 @@ def test_cholesky_inverse_and_spd_solve():
     np.testing.assert_allclose(inv @ m @ inv.T, np.eye(5), atol=1e-10)
     np.testing.assert_allclose(np.asarray(spd_solve(jnp.asarray(m), jnp.asarray(r))), np.linalg.solve(m, r),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_cholesky_inverse_of_badly_scaled_and_nearly_singular_matrices_in_float32():
+    """Equilibrated: M = DQD with diag(D) spanning 10⁻³..10³ (condition number ≈ 10¹³) gives L⁻ᵀL⁻¹ = M⁻¹ to float32
+    accuracy (catches D applied on the wrong side). Jitter: a rank-deficient Gram matrix, whose plain float32
+    factor is not finite, gives a finite factor, exactly that of M + jitter·diag(M) (larger than M: the factor
+    of a majoriser stays that of one); `majoriser_jitter` is 10·n·ε."""
+    rng = np.random.default_rng(8)
+    g = rng.normal(size=(6, 6))
+    q = g @ g.T + 6.0 * np.eye(6)  # well conditioned
+    d = np.diag(np.logspace(-3, 3, 6))
+    m = d @ q @ d
+    inv = np.asarray(cholesky_inverse(jnp.asarray(m, jnp.float32)), np.float64)
+    assert np.all(np.triu(inv, 1) == 0)
+    np.testing.assert_allclose(inv @ m @ inv.T, np.eye(6), atol=1e-4)
+
+    z = rng.normal(size=(40, 3)) @ rng.normal(size=(3, 8)) * 1e4  # rank 3, 8 columns
+    gram = z.T @ z
+    assert not np.all(np.isfinite(np.asarray(cholesky_inverse(jnp.asarray(gram, jnp.float32)))))
+    jitter = majoriser_jitter(8, jnp.float32)
+    assert jitter == pytest.approx(10 * 8 * np.finfo(np.float32).eps)
+    inv = np.asarray(cholesky_inverse(jnp.asarray(gram, jnp.float32), jitter), np.float64)
+    assert np.all(np.isfinite(inv))
+    target = gram + jitter * np.diag(np.diag(gram))
+    np.testing.assert_allclose(inv @ target @ inv.T, np.eye(8), atol=5e-2)
+    inv64 = np.asarray(cholesky_inverse(jnp.asarray(gram), 1e-6))  # float64: exactly M + 10⁻⁶·diag(M)
+    np.testing.assert_allclose(inv64 @ (gram + 1e-6 * np.diag(np.diag(gram))) @ inv64.T, np.eye(8), atol=1e-8)
 
 
 def test_power_iteration_estimates_the_largest_eigenvalue():
