@@ -41,6 +41,7 @@ from experiments.sweep import plan, report_failures, run_sweep
 from experiments.tables import write_tables
 from experiments.train import identity, validate_config
 from experiments.trainers import TRAINERS
+from experiments.workdir import Workdir, WorkdirError
 from fenchel.data import DataError, dataset_fingerprint
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_mlp.py"
@@ -156,6 +157,35 @@ def plan_variants(config, name: str, sets: dict, trainers, seeds, workdir) -> li
     return out
 
 
+def _data_key(config) -> tuple:
+    return config.dataset, config.data_dir or None, config.data_file or None
+
+
+def on_current_data(run_dirs, fingerprints: dict) -> list:
+    """The run folders whose summary recorded the data their config reads now (or none: older runs); each other
+    one is left out of the table with a note. `fingerprints` caches (dataset, data_dir, data_file) → sha256."""
+    kept = []
+    for run_dir in run_dirs:
+        wd = Workdir(run_dir)
+        recorded = (wd.read_summary() or {}).get("data_sha256")
+        config = wd.read_config()
+        if recorded is None or config is None:
+            kept.append(run_dir)
+            continue
+        key = _data_key(ml_collections.ConfigDict(config))
+        if key not in fingerprints:
+            try:
+                fingerprints[key] = dataset_fingerprint(*key)
+            except (DataError, ValueError) as err:
+                fingerprints[key] = f"unreadable: {err}"
+        if fingerprints[key] == recorded:
+            kept.append(run_dir)
+        else:
+            print(f"note: {wd.summary_path} was computed on other data than {key[2] or key[0]} holds now; "
+                  "left out of the table", file=sys.stderr)
+    return kept
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 epochs on 10,000 training images, 2 seeds")
@@ -184,10 +214,11 @@ def main(argv=None):
     if not trainers:
         print(f"error: none of the trainers {args.trainers!r} applies to {config_path}", file=sys.stderr)
         sys.exit(2)
+    fingerprints = {}
     try:
         variants = plan_variants(config, config_path.stem, parse_sets(args.set, config), trainers, seeds, workdir)
-        for key in dict.fromkeys((run.dataset, run.data_dir or None, run.data_file or None) for run, _, _ in variants):
-            dataset_fingerprint(*key)  # every variant's data read and checked before any run
+        for key in dict.fromkeys(_data_key(run) for run, _, _ in variants):
+            fingerprints[key] = dataset_fingerprint(*key)  # every variant's data read and checked before any run
     except (ValueError, DataError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)
@@ -198,11 +229,15 @@ def main(argv=None):
         failed += f
     print()
     everything = sorted(p for p in workdir.glob("*/*") if (p / "summary.json").exists())  # every row run so far
-    if everything or done:
-        print(write_tables(everything or done, workdir / "table"))
-        for path in make_plots(everything or done, workdir / "plots"):
-            print(path)
-        print(f"tables: {workdir / 'table'}.{{md,csv,tex}}")
+    everything = on_current_data(everything, fingerprints)
+    if everything:
+        try:
+            print(write_tables(everything, workdir / "table"))
+            for path in make_plots(everything, workdir / "plots"):
+                print(path)
+            print(f"tables: {workdir / 'table'}.{{md,csv,tex}}")
+        except WorkdirError as err:
+            failed.append((workdir / "table", str(err)))
     else:
         print(f"no run finished, so no table was written in {workdir}", file=sys.stderr)
     report_failures(failed)

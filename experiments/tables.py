@@ -183,6 +183,11 @@ def _dedupe_same_runs(runs, grouping, notes) -> list[Run]:
         key = grouping.identity(run)
         if key in first:
             other = first[key]
+            a_sha, b_sha = other.summary.get("data_sha256"), run.summary.get("data_sha256")
+            if a_sha is not None and b_sha is not None and a_sha != b_sha:
+                raise WorkdirError(f"{other.path / 'summary.json'} and {run.path / 'summary.json'} hold the same run "
+                                   f"(same config, seed {run.seed}) computed on different data (sha256 {a_sha[:12]}… "
+                                   f"and {b_sha[:12]}…): rerun the stale one on the current data, in a fresh workdir")
             a, b = other.summary.get(ACCURACY), run.summary.get(ACCURACY)
             differ = "" if a == b else f" (their test accuracies differ: {a} vs {b})"
             _note(notes, f"{other.path} and {run.path} hold the same run (same config, seed {run.seed}); "

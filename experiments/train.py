@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from configs import default as default_config
 from experiments import loop
@@ -172,10 +173,13 @@ class Job:
                             train_size=c.train_size or None, test_size=c.test_size or None,
                             data_file=c.data_file or None)
         self.data = data
-        scale = float(np.abs(data.x_train).max())
+        if jax.process_count() > 1:  # every process must hold the same data (it fingerprints its own copy)
+            multihost_utils.assert_equal(np.frombuffer(bytes.fromhex(data.fingerprint), np.uint8),
+                                         "the processes read different data (their sha256 differ)")
+        scale = float(max(data.x_train.max(), -data.x_train.min()))
         if not c.normalize and scale > RAW_SCALE_NOTE and jax.process_index() == 0:
-            print(f"note: the training features reach |x| = {scale:.3g}; the lifted penalties and ρ, λ are not "
-                  "scale-free (Adam nearly is), so set --config.normalize=True for features in raw units",
+            print(f"note: the training features reach |x| = {scale:.3g}; features in raw units train poorly with "
+                  "lifted training, whose penalties, λ and ρ are not scale-free: set --config.normalize=True",
                   file=sys.stderr)
         self.data_fingerprint = data.fingerprint  # recorded in checkpoints and the summary (`_Run.check_data`)
         n = data.x_train.shape[0]
@@ -365,7 +369,7 @@ class _Run:
             d = job.data
             print(f"{c.trainer} on {data_source(c)}: {len(d.y_train)} training / {len(d.y_test)} test examples of "
                   f"shape {tuple(job.in_shape)}, {d.num_classes} classes; network {job.architecture}; "
-                  f"{job.total_epochs} epochs of {job.steps_per_epoch} steps", file=sys.stderr)
+                  f"{job.total_epochs} epoch(s) of {job.steps_per_epoch} steps", file=sys.stderr)
         if start_epoch:
             print(f"resuming {wd.path} from epoch {start_epoch}", file=sys.stderr)
 

@@ -529,7 +529,8 @@ def solve_w_primal_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
     one Cholesky factor per solve gives P⁻¹ exactly: steps z = y − P⁻¹∇f(y),
     the same P for every output unit. μ_W = 2(ρ + ρ'), μ_b = 2ρ'; c is the
     fit's curvature bound, raised to a tiny multiple of P's scale where needed
-    so P stays positive definite (a larger majoriser is still a majoriser).
+    so P stays positive definite (a larger majoriser is still a majoriser), and P is taken as
+    P + δ·diag(P), δ = `majoriser_jitter` (10·n·ε: nothing in float64), so that float32 can factor it.
     The residual is ‖∇f(y)‖_{P⁻¹}.
     """
     spec, layer = block.spec, block.layer
@@ -540,8 +541,11 @@ def solve_w_primal_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
     p_mat = gram_majoriser(z1, block.fit_curvature, mu)  # the metric of ProxProp's exact step, too
     p_mat = p_mat + 1e-10 * (jnp.trace(p_mat) / p_mat.shape[0] + 1e-30) * jnp.eye(p_mat.shape[0], dtype=z.dtype)
     # P⁻¹R = L⁻ᵀ(L⁻¹R), two products per iteration; L is the factor of P + δ·diag(P), δ = 10·n·ε, a majoriser too,
-    # which float32 can factor when inputs are nearly collinear (saturated or constant features, raw scales)
-    l_inv = cholesky_inverse(p_mat, majoriser_jitter(p_mat.shape[0], z.dtype))
+    # which float32 can factor when inputs are nearly collinear (saturated or constant features, raw scales).
+    # The steps, the restart test and the residual all use that one metric.
+    jitter = majoriser_jitter(p_mat.shape[0], z.dtype)
+    l_inv = cholesky_inverse(p_mat, jitter)
+    p_mat = p_mat + jitter * jnp.diag(jnp.diag(p_mat))
     k_shape = layer["kernel"].shape
     u_shape = (block.x_in.shape[0], *spec.out_shape(block.x_in.shape[1:]))
 

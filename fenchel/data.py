@@ -314,16 +314,18 @@ def _validated(raw: RawData) -> RawData:
         if y.min() < 0:
             raise DataError(f"{src}: {name} has negative label {y.min():g}")
     num_classes = raw.num_classes
-    if num_classes is None:
+    inferred = num_classes is None
+    if inferred:
         num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-        absent = np.setdiff1d(np.arange(num_classes), arrays["y_train"])
-        if absent.size:
-            shown = ", ".join(f"{k:g}" for k in absent[:10]) + (", …" if absent.size > 10 else "")
-            raise DataError(f"{src}: the labels imply {num_classes} classes (0..{num_classes - 1}), but "
-                            f"{absent.size} of them have no training example ({shown}); relabel the classes "
-                            "0..K−1, or store a num_classes array to keep classes without examples")
     if num_classes > np.iinfo(np.int32).max:
         raise DataError(f"{src}: {num_classes} classes do not fit int32 labels")
+    present = np.unique(arrays["y_train"])
+    if inferred and present.size < num_classes:
+        absent = np.setdiff1d(np.arange(min(num_classes, int(present.size) + 10)), present)[:10]
+        shown = ", ".join(f"{k:g}" for k in absent) + (", …" if num_classes - present.size > absent.size else "")
+        raise DataError(f"{src}: the labels imply {num_classes} classes (0..{num_classes - 1}), but "
+                        f"{num_classes - present.size} of them have no training example ({shown}); relabel the "
+                        "classes 0..K−1, or store a num_classes array to keep classes without examples")
     for name in ("y_train", "y_test"):
         if arrays[name].max() >= num_classes:
             raise DataError(f"{src}: {name} has label {arrays[name].max():g} out of range 0..{num_classes - 1}")

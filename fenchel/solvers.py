@@ -298,11 +298,12 @@ def cholesky_inverse(m: jax.Array, jitter: float = 0.0) -> jax.Array:
     and the block solvers apply M⁻¹ once per iteration with the same M.
 
     M is equilibrated first: with D = diag(M)^½, M = D Q D and Q (unit diagonal) is factored, so L = D L_Q and
-    L⁻¹ = L_Q⁻¹D⁻¹, the same L in exact arithmetic. jitter > 0 factors Q + jitter·I instead, i.e.
-    M + jitter·diag(M): larger than M, so the factor of a majoriser stays that of a majoriser, and, relative to
-    each diagonal entry, it spares features of small scale. Q + jitter·I has a condition number of at most
-    (1 + jitter)/jitter, so with `majoriser_jitter` a rank-deficient Gram matrix of nearly collinear inputs
-    (saturated or constant features, raw scales of 10⁴) factors in float32, where M itself does not.
+    L⁻¹ = L_Q⁻¹D⁻¹, the same L in exact arithmetic (a zero diagonal entry is scaled by 1). jitter > 0 factors
+    Q + jitter·I instead, i.e. M + jitter·diag(M) (plus jitter at a zero diagonal entry): larger than M, so the
+    factor of a majoriser stays that of a majoriser, and, relative to each diagonal entry, it spares features
+    of small scale. Q + jitter·I has a condition number of at most (1 + jitter)/jitter, so with
+    `majoriser_jitter` a rank-deficient Gram matrix of nearly collinear inputs (saturated or constant features,
+    raw scales of 10⁴) factors in float32 in practice, where M itself does not.
     """
     d = jnp.sqrt(jnp.diag(m))
     d = jnp.where(d > 0, d, 1.0)
@@ -312,9 +313,9 @@ def cholesky_inverse(m: jax.Array, jitter: float = 0.0) -> jax.Array:
 
 
 def majoriser_jitter(n: int, dtype) -> float:
-    """10·n·ε of the dtype: a relative diagonal increment that a Cholesky factorisation of an n × n matrix in
-    that precision always survives (2.5·10⁻⁵ for n = 21 in float32; 5·10⁻¹⁴ in float64), and that changes an MM
-    step by about as much."""
+    """10·n·ε of the dtype: a relative diagonal increment with which a Cholesky factorisation of an n × n Gram
+    matrix in that precision succeeds in practice (2.5·10⁻⁵ for n = 21 in float32; 5·10⁻¹⁴ in float64; the
+    worst-case bound is of order n²ε), and that changes an MM step by about as much."""
     return 10.0 * n * float(jnp.finfo(dtype).eps)
 
 

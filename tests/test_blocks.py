@@ -883,7 +883,7 @@ def test_importing_fenchel_gives_openblas_one_thread_unless_the_user_chose(prese
 
 
 _LOOP_COPIES = """
-import re, sys, jax
+import os, re, sys, jax
 {first}
 import fenchel
 from fenchel import LiftedConfig, LiftedTrainer, init_params, mlp
@@ -893,6 +893,7 @@ params = init_params(jax.random.PRNGKey(0), layers, (20,))
 x = jax.random.normal(jax.random.PRNGKey(1), (40, 20))
 y = jax.nn.one_hot(jax.numpy.arange(40) % 5, 5)
 text = trainer.minibatch_update.lower(params, x, y).compile().as_text()
+print("--xla_cpu_copy_insertion_use_region_analysis=true" in os.environ.get("XLA_FLAGS", ""))
 bodies = {{m.group(1): m.group(0) for m in re.finditer(r"(?ms)^(%\\S+) .*?^\\}}", text)}}
 loops = re.findall(r"body=(%[\\w.\\-]+)", text)
 print(len(loops), sum(len(re.findall(r"= \\S+ copy\\(", bodies[b])) for b in loops))
@@ -917,7 +918,9 @@ def test_importing_fenchel_lets_the_solver_loops_update_in_place_unless_the_user
     out = subprocess.run([sys.executable, "-c", _LOOP_COPIES.format(first=first)], env=env, cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    loops, copies = map(int, out.stdout.split())
+    added, loops, copies = out.stdout.split()
+    loops, copies = int(loops), int(copies)
+    assert added == str(case == "default"), "the flag is added only when the user set none and jax has not started"
     assert loops == 3  # the X block and the two W blocks
     if case == "default":
         assert copies <= 1  # of the 12 without it, the X loop keeps one copy of its extrapolated point

@@ -340,6 +340,9 @@ def test_classes_without_training_examples_and_oversized_subsets_are_errors(tmp_
     _save(tmp_path / "test_only.npz", [0, 1, 1, 0], y_test=[0, 2, 1, 0])
     with pytest.raises(DataError, match=r"3 classes \(0..2\), but 1 of them have no training example \(2\)"):
         load_dataset("npz", data_file=str(tmp_path / "test_only.npz"))
+    _save(tmp_path / "huge.npz", np.array([0.0, 1.0, 3e10, 0.0]))  # refused before anything is allocated per class
+    with pytest.raises(DataError, match="30000000001 classes do not fit int32 labels"):
+        load_dataset("npz", data_file=str(tmp_path / "huge.npz"))
     _save(tmp_path / "declared.npz", [0, 10, 20, 0], num_classes=np.array(21))  # declared: kept as given
     assert load_dataset("npz", data_file=str(tmp_path / "declared.npz")).num_classes == 21
     _save(tmp_path / "ok.npz", [0, 1, 2, 1, 0, 2])
@@ -358,3 +361,17 @@ def test_a_folder_or_a_text_file_as_data_file_gets_a_plain_message(tmp_path):
     with pytest.raises(DataError, match=r"not an .npz archive \(an .npz is a zip file of .npy arrays\)") as err:
         load_dataset("npz", data_file=str(tmp_path / "notes.npz"))
     assert "allow_pickle" not in str(err.value)
+
+
+def test_the_fingerprint_format_is_pinned(tmp_path):
+    """Every recorded run is compared with this hash: a silent change of its format would refuse (or, worse,
+    match) old runs. sha256 over 'name:dtype:shape;' + bytes for x_train, y_train, x_test, y_test, then
+    'num_classes:K', written out by hand here."""
+    x = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    y = np.array([0, 1], dtype=np.int64)
+    np.savez(tmp_path / "pin.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    h = hashlib.sha256()
+    for name, a in (("x_train", x), ("y_train", y), ("x_test", x), ("y_test", y)):
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode() + a.tobytes())
+    h.update(b"num_classes:None")
+    assert data.dataset_fingerprint("npz", data_file=str(tmp_path / "pin.npz")) == h.hexdigest()

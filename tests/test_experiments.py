@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -706,6 +707,12 @@ def test_a_run_whose_data_file_changed_is_refused_not_reused(tmp_path, capsys):
     summary_path.write_text(json.dumps({**stored, "data_sha256": "0" * 64}))
     with pytest.raises(WorkdirError, match="share a table row but were computed on different data"):
         tables.write_tables([tmp_path / "run", tmp_path / "other"], tmp_path / "table")
+    # the same run (config and seed) in two folders, on different data: not "counted once", an error
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    (tmp_path / "copy" / "summary.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "run" / "summary.json").read_text()), "data_sha256": "1" * 64}))
+    with pytest.raises(WorkdirError, match="hold the same run .* computed on different data"):
+        tables.write_tables([tmp_path / "run", tmp_path / "copy"], tmp_path / "table")
 
 
 def test_reproduce_checks_every_dataset_before_any_run_and_reports_when_nothing_finished(tmp_path):
@@ -729,6 +736,15 @@ def test_reproduce_checks_every_dataset_before_any_run_and_reports_when_nothing_
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "no run finished" in out.stderr and "batch_size=500 exceeds the 200 training examples" in out.stderr
 
+    # a finished table, then the data file regenerated: the run is refused and left out of the table
+    out = reproduce("--set", f"data_file={good}", "--set", "batch_size=50", "--workdir", str(tmp_path / "r3"))
+    assert out.returncode == 0 and "| Adam |" in (tmp_path / "r3" / "table.md").read_text(), out.stderr
+    _blobs(good, seed=1)
+    out = reproduce("--set", f"data_file={good}", "--set", "batch_size=50", "--workdir", str(tmp_path / "r3"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "summary.json was computed on other data" in out.stderr
+    assert "left out of the table" in out.stderr and "no run finished" in out.stderr
+
 
 def test_features_in_raw_units_get_a_note_suggesting_normalize(tmp_path, capsys):
     """Lifted training is not scale-free: features of scale 10³ get a note (once, before training) pointing to
@@ -743,6 +759,6 @@ def test_features_in_raw_units_get_a_note_suggesting_normalize(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "note: the training features reach |x| = " in err
     assert (f"adam on {tmp_path / 'raw.npz'}: 200 training / 100 test examples of shape (6,), 2 classes; "
-            "network 6-8-2; 1 epochs of 4 steps") in err  # the start-up line says what runs
+            "network 6-8-2; 1 epoch(s) of 4 steps") in err  # the start-up line says what runs
     train_and_evaluate(tiny(**base, normalize=True), tmp_path / "b")
     assert "normalize=True" not in capsys.readouterr().err
