@@ -586,11 +586,13 @@ def solve_w(block: WBlock, cfg: SolverConfig, w_mode: str = "auto", fallback: bo
     kernel form's N × N system ZZᵀ + (μ/c)I cannot be factored in float32 when the block's inputs are huge
     or nearly collinear (raw features of scale 10⁴: condition numbers of 10¹⁰), where the primal majoriser,
     equilibrated and jittered (`cholesky_inverse`), can. The retry runs only when needed (`lax.cond`), except
-    under `vmap`, where both branches would run: stacked layers pass False.
+    under `vmap`, where both branches would run: stacked layers pass False. It is compiled for float32 and
+    narrower only (its second branch adds about a quarter to a step's compile time; float64's rounding leaves
+    the kernel system factorable up to scales far beyond these).
     """
     form = block.spec.w_form(w_mode, block.x_in, block.mu)
     out, info = W_SOLVERS[form](block, cfg)
-    if form != "kernel_mm" or not fallback:
+    if form != "kernel_mm" or not fallback or jnp.finfo(block.x_in.dtype).bits > 32:
         return out, info
     return jax.lax.cond(info.result == Result.NONFINITE, lambda: solve_w_primal_mm(block, cfg), lambda: (out, info))
 
