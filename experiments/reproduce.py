@@ -39,10 +39,10 @@ from experiments.configs_util import load_config
 from experiments.plots import make_plots
 from experiments.sweep import plan, report_failures, run_sweep
 from experiments.tables import write_tables
-from experiments.train import identity, validate_config
+from experiments.train import current_fingerprint, data_source, identity, validate_config
 from experiments.trainers import TRAINERS
 from experiments.workdir import Workdir, WorkdirError
-from fenchel.data import DataError, dataset_fingerprint
+from fenchel.data import DataError
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_mlp.py"
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
@@ -157,10 +157,6 @@ def plan_variants(config, name: str, sets: dict, trainers, seeds, workdir) -> li
     return out
 
 
-def _data_key(config) -> tuple:
-    return config.dataset, config.data_dir or None, config.data_file or None
-
-
 def on_current_data(run_dirs, fingerprints: dict) -> list:
     """The run folders whose summary recorded the data their config reads now (or none: older runs); each other
     one is left out of the table with a note. `fingerprints` caches (dataset, data_dir, data_file) → sha256."""
@@ -172,16 +168,15 @@ def on_current_data(run_dirs, fingerprints: dict) -> list:
         if recorded is None or config is None:
             kept.append(run_dir)
             continue
-        key = _data_key(ml_collections.ConfigDict(config))
-        if key not in fingerprints:
-            try:
-                fingerprints[key] = dataset_fingerprint(*key)
-            except (DataError, ValueError) as err:
-                fingerprints[key] = f"unreadable: {err}"
-        if fingerprints[key] == recorded:
+        config = ml_collections.ConfigDict(config)
+        try:
+            now = current_fingerprint(config, fingerprints)
+        except (DataError, ValueError):
+            now = None  # the data is gone or broken: nothing on it is current
+        if now == recorded:
             kept.append(run_dir)
         else:
-            print(f"note: {wd.summary_path} was computed on other data than {key[2] or key[0]} holds now; "
+            print(f"note: {wd.summary_path} was computed on other data than {data_source(config)} holds now; "
                   "left out of the table", file=sys.stderr)
     return kept
 
@@ -217,8 +212,8 @@ def main(argv=None):
     fingerprints = {}
     try:
         variants = plan_variants(config, config_path.stem, parse_sets(args.set, config), trainers, seeds, workdir)
-        for key in dict.fromkeys(_data_key(run) for run, _, _ in variants):
-            fingerprints[key] = dataset_fingerprint(*key)  # every variant's data read and checked before any run
+        for run, _, _ in variants:
+            current_fingerprint(run, fingerprints)  # every variant's data read and checked before any run
     except (ValueError, DataError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)

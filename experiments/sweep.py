@@ -45,9 +45,8 @@ def plan(config: ml_collections.ConfigDict, name: str, trainers, seeds, workdir)
 
 def run_sweep(config: ml_collections.ConfigDict, name: str, trainers, seeds, workdir) -> tuple[list, list]:
     """Run every planned job; returns (finished workdirs, [(workdir, error message)] of the failed ones)."""
-    from experiments.train import check_data, config_differences, train_and_evaluate
+    from experiments.train import check_data, config_differences, current_fingerprint, train_and_evaluate
     from experiments.workdir import Workdir
-    from fenchel.data import dataset_fingerprint
 
     runs = plan(config, name, trainers, seeds, workdir)
     done, failed = [], []
@@ -62,10 +61,7 @@ def run_sweep(config: ml_collections.ConfigDict, name: str, trainers, seeds, wor
                                  "use another --workdir for this sweep")
             summary = wd.read_summary() if saved is not None else None
             if summary is not None:
-                key = (run.dataset, run.data_dir or None, run.data_file or None)
-                if key not in fingerprints:
-                    fingerprints[key] = dataset_fingerprint(*key)
-                check_data(summary.get("data_sha256"), fingerprints[key], wd.summary_path, run)
+                check_data(summary.get("data_sha256"), current_fingerprint(run, fingerprints), wd.summary_path, run)
                 print(f"[{i}/{len(runs)}] {run_dir}: finished already with this config, reused", flush=True)
                 done.append(run_dir)
                 continue

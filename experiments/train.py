@@ -40,7 +40,7 @@ from experiments import loop
 from experiments.configs_util import did_you_mean
 from experiments.trainers import TRAINERS, all_fields
 from experiments.workdir import ParamHistory, ReadOnlyWorkdir, Workdir, WorkdirError, config_hash
-from fenchel.data import DATASETS, load_dataset
+from fenchel.data import DATASETS, dataset_fingerprint, load_dataset
 from fenchel.layers import Dense, architecture_name, init_params, parse_layers, trailing_pool
 from fenchel.lifted import LOSSES, loss_per_sample
 from fenchel.models import evaluate, make_network, to_flax
@@ -141,6 +141,19 @@ def config_differences(saved: dict, config) -> list:
     stored config predates counts as its default."""
     a, b = identity({**json.loads(default_config.get_config().to_json()), **saved}), identity(config)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def data_key(config) -> tuple:
+    """(dataset, data_dir, data_file) of a config: which data it reads."""
+    return config.dataset, config.data_dir or None, config.data_file or None
+
+
+def current_fingerprint(config, cache: dict) -> str:
+    """sha256 of the data the config reads now (`fenchel.data.dataset_fingerprint`), read once per `cache`."""
+    key = data_key(config)
+    if key not in cache:
+        cache[key] = dataset_fingerprint(*key)
+    return cache[key]
 
 
 def data_source(config) -> str:

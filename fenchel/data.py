@@ -353,6 +353,14 @@ def fingerprint(raw: RawData) -> str:
     return h.hexdigest()
 
 
+def _load_checked(name: str, data_dir: Optional[str], data_file: Optional[str]) -> tuple[RawData, RawData]:
+    """(the loader's arrays as stored, `_validated` of them) of dataset `name`."""
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    raw = LOADERS[name](data_dir, data_file)
+    return raw, _validated(raw)
+
+
 # ------------------------------------------------------------------ public
 def load_dataset(
     name: str,
@@ -378,13 +386,11 @@ def load_dataset(
     channel is only centred. train_size/test_size keep the first examples
     (after the seeded shuffle of the training set).
     """
-    if name not in LOADERS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     for key, size in (("train_size", train_size), ("test_size", test_size)):
         if size is not None and size < 1:
             raise ValueError(f"{key} must be at least 1 (or None for all examples), got {size}")
-    raw = LOADERS[name](data_dir, data_file)
-    tr_x, tr_y, te_x, te_y, num_classes, _ = _validated(raw)
+    raw, checked = _load_checked(name, data_dir, data_file)
+    tr_x, tr_y, te_x, te_y, num_classes, _ = checked
     sha = fingerprint(raw)
     if tr_x.ndim == 3:
         tr_x, te_x = tr_x[..., None], te_x[..., None]
@@ -417,8 +423,4 @@ def load_dataset(
 def dataset_fingerprint(name: str, data_dir: Optional[str] = None, data_file: Optional[str] = None) -> str:
     """`fingerprint` of a dataset's arrays, after the same checks as `load_dataset` (a bad file is the same
     `DataError`): what a finished run recorded, to compare before its result is reused."""
-    if name not in LOADERS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    raw = LOADERS[name](data_dir, data_file)
-    _validated(raw)
-    return fingerprint(raw)
+    return fingerprint(_load_checked(name, data_dir, data_file)[0])
