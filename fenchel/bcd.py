@@ -418,24 +418,21 @@ class LiftedTrainer(Trainer):
         return sorted(groups.values()) + [[self.n_layers - 1]]
 
     def _stacked_w_blocks(self, group, params, xs, x0, anchors, anchor_is_start, lams) -> dict:
-        """Hidden W blocks of `group` (equal shapes, ρ, ρ') as one solve vmapped over the stacked layers;
-        λ (a scalar or one per neuron) is stacked too. Returns {l: (params_l, SolveInfo_l)}."""
+        """Hidden W blocks of `group` (equal shapes, ρ, ρ') as one solve vmapped over the stacked layers
+        (`blocks.solve_w_hidden_stacked`); λ (a scalar or one per neuron) is stacked too.
+        Returns {l: (params_l, SolveInfo_l)}."""
         c, first = self.config, group[0]
         inputs = [x0, *xs]
 
         def stack(trees):
             return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
-        def one(layer, x_in, x_out, lam, anchor):
-            return blocks.solve_w_hidden(self.penalty, self.layers[first], layer, x_in, x_out, lam,
-                                         self.rhos[first], c.w_solver, anchor, self.rho_proxes[first], c.w_mode,
-                                         anchor_is_start, fallback=False)  # a cond under vmap runs both branches
-
         dtype = params[first]["kernel"].dtype
         anchor = None if anchors is None else stack([anchors[l] for l in group])
-        new, info = jax.vmap(one)(stack([params[l] for l in group]), stack([inputs[l] for l in group]),
-                                  stack([xs[l] for l in group]), stack([jnp.asarray(lams[l], dtype) for l in group]),
-                                  anchor)
+        new, info = blocks.solve_w_hidden_stacked(
+            self.penalty, self.layers[first], stack([params[l] for l in group]), stack([inputs[l] for l in group]),
+            stack([xs[l] for l in group]), stack([jnp.asarray(lams[l], dtype) for l in group]), self.rhos[first],
+            c.w_solver, anchor, self.rho_proxes[first], c.w_mode, anchor_is_start)
         return {l: jax.tree_util.tree_map(lambda a, k=k: a[k], (new, info)) for k, l in enumerate(group)}
 
     def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):

@@ -28,6 +28,7 @@ representation in the metric of a quadratic majoriser.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -585,16 +586,34 @@ def solve_w(block: WBlock, cfg: SolverConfig, w_mode: str = "auto", fallback: bo
     fallback: a kernel_mm solve that meets a non-finite value is solved again in the primal_mm form. The
     kernel form's N × N system ZZᵀ + (μ/c)I cannot be factored in float32 when the block's inputs are huge
     or nearly collinear (raw features of scale 10⁴: condition numbers of 10¹⁰), where the primal majoriser,
-    equilibrated and jittered (`cholesky_inverse`), can. The retry runs only when needed (`lax.cond`), except
-    under `vmap`, where both branches would run: stacked layers pass False. It is compiled for float32 and
-    narrower only (its second branch adds about a quarter to a step's compile time; float64's rounding leaves
-    the kernel system factorable up to scales far beyond these).
+    equilibrated and jittered (`cholesky_inverse`), can. The retry runs only when needed (`lax.cond`); under
+    `vmap`, where both branches would run, pass False and retry outside it (`solve_w_hidden_stacked`). It is
+    compiled for float32 and narrower only (its second branch adds about a quarter to a step's compile time;
+    float64's rounding leaves the kernel system factorable up to scales far beyond these).
     """
     form = block.spec.w_form(w_mode, block.x_in, block.mu)
     out, info = W_SOLVERS[form](block, cfg)
-    if form != "kernel_mm" or not fallback or jnp.finfo(block.x_in.dtype).bits > 32:
+    if not fallback or not _has_fallback(form, block.x_in.dtype):
         return out, info
-    return jax.lax.cond(info.result == Result.NONFINITE, lambda: solve_w_primal_mm(block, cfg), lambda: (out, info))
+    return _retry_nonfinite((out, info), lambda: solve_w_primal_mm(block, cfg))
+
+
+def _has_fallback(form: str, dtype) -> bool:
+    """Whether a W block solved in `form` is solved again in the primal_mm form when non-finite (`solve_w`)."""
+    return form == "kernel_mm" and jnp.finfo(dtype).bits <= 32
+
+
+def _retry_nonfinite(solved: tuple, solve_again: Callable) -> tuple:
+    """(params, SolveInfo) of one block, or of a stack of blocks (leading axis), with every block whose result is
+    NONFINITE replaced by its `solve_again()`; the retry runs (`lax.cond`) only when some block needs it."""
+    bad = solved[1].result == Result.NONFINITE
+
+    def retry():
+        again = solve_again()
+        return jax.tree_util.tree_map(lambda new, old: jnp.where(bad.reshape(bad.shape + (1,) * (new.ndim - bad.ndim)),
+                                                                 new, old), again, solved)
+
+    return jax.lax.cond(jnp.any(bad), retry, lambda: solved)
 
 
 def solve_w_hidden(
@@ -625,6 +644,39 @@ def solve_w_hidden(
     block = WBlock(spec, fit, _largest(lam) / n * penalty.curvature_u, layer, x_in, rho, anchor, rho_prox,
                    anchor_is_start)
     return solve_w(block, cfg, w_mode, fallback)
+
+
+def solve_w_hidden_stacked(
+    penalty: Penalty,
+    spec,
+    layers: dict,
+    x_ins: jax.Array,
+    x_outs: jax.Array,
+    lams: jax.Array,
+    rho: float,
+    cfg: SolverConfig,
+    anchors: Optional[dict] = None,
+    rho_prox: float = 0.0,
+    w_mode: str = "auto",
+    anchor_is_start: bool = False,
+) -> tuple[dict, SolveInfo]:
+    """`solve_w_hidden` for K hidden blocks of one spec, shape, ρ and ρ', stacked on a leading axis (layers,
+    inputs, outputs, λ and anchors): one solve vmapped over the K blocks, each block's result that of its own solve.
+
+    The primal_mm fallback of a non-finite kernel_mm solve (`solve_w`) is taken outside the vmap: a `lax.cond`
+    under vmap would run both branches, so the stacked blocks are solved again (vmapped) only when one of them
+    is non-finite, and only those blocks take the retry's result.
+    """
+    def one(form, layer, x_in, x_out, lam, anchor):
+        return solve_w_hidden(penalty, spec, layer, x_in, x_out, lam, rho, cfg, anchor, rho_prox, form,
+                              anchor_is_start, fallback=False)
+
+    args = (layers, x_ins, x_outs, lams, anchors)
+    solved = jax.vmap(functools.partial(one, w_mode))(*args)
+    mu = 2.0 * (rho + (rho_prox if anchors is not None else 0.0))  # `WBlock.mu`
+    if not _has_fallback(spec.w_form(w_mode, x_ins[0], mu), x_ins.dtype):
+        return solved
+    return _retry_nonfinite(solved, lambda: jax.vmap(functools.partial(one, "primal_mm"))(*args))
 
 
 def solve_w_out(
