@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -290,6 +291,14 @@ def staircase(before: dict, after: dict, n_layers: int) -> list:
     return [{name: (after[name] if layer(name) < k else before[name]) for name in after} for k in range(1, n_layers)]
 
 
+def advance(progress, leave_out_wait: bool = False) -> None:
+    """One step on the progress bar. leave_out_wait: the time since the bar last refreshed (a launch's first step,
+    which compiles it) is left out of the bar's rate and so of its ETA; the elapsed time still counts it."""
+    if leave_out_wait:
+        progress.last_print_t = time.time()  # tqdm's rate is an average of (steps, seconds) between refreshes
+    progress.update(1)
+
+
 def _make_progress(config, total, initial):
     if not config.progress:
         return None
@@ -398,9 +407,9 @@ class _Run:
                 # staircase: θ before the step, whose layers the step's W blocks replace one at a time
                 before = [_flat_params(job.trainer.params(state))] if history is not None and unit > 1 else None
 
-                def on_step(i, n, s, first_step=first_step, before=before):
+                def on_step(i, n, s, first_step=first_step, before=before, first_of_launch=epochs_run == 0):
                     if progress is not None:
-                        progress.update(1)
+                        advance(progress, leave_out_wait=first_of_launch and i == 0)  # i = 0 compiled the step
                     step = first_step + i + 1
                     if history is not None and step % c.record_every == 0:
                         after = _flat_params(job.trainer.params(s))

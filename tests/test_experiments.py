@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -762,3 +763,35 @@ def test_features_in_raw_units_get_a_note_suggesting_normalize(tmp_path, capsys)
             "network 6-8-2; 1 epoch(s) of 4 steps") in err  # the start-up line says what runs
     train_and_evaluate(tiny(**base, normalize=True), tmp_path / "b")
     assert "normalize=True" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("leave_out_wait", [True, False])
+def test_the_progress_bar_rate_leaves_out_the_compiling_first_step(leave_out_wait, monkeypatch):
+    """On a simulated clock: a first step that took 5 s (the compile), then 1,000 steps of 2 ms on the launcher's
+    bar (refreshed at most once a second). Its rate, and so its ETA, is the quick steps' 500 per second only when
+    the launch's first step leaves its wait out; without that, tqdm's moving average still holds the 5 s. The
+    elapsed time counts the wait either way."""
+    import io
+    import types
+
+    from experiments import train
+
+    clock = [1000.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    cfg = ml_collections.ConfigDict({"progress": True, "trainer": "fenchel"})
+    bar = train._make_progress(cfg, total=100_000, initial=0)
+    bar._time = lambda: clock[0]
+    bar.start_t = bar.last_print_t = clock[0]
+    bar.fp = io.StringIO()
+    clock[0] += 5.0
+    train.advance(bar, leave_out_wait=leave_out_wait)
+    for _ in range(1000):
+        clock[0] += 0.002
+        train.advance(bar)
+    rate = bar.format_dict["rate"]
+    assert bar.format_dict["elapsed"] == pytest.approx(7.0)
+    if leave_out_wait:
+        assert rate == pytest.approx(500, rel=0.01)
+    else:
+        assert rate < 400
+    bar.close()
