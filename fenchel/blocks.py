@@ -302,13 +302,18 @@ class WBlock(NamedTuple):
     @property
     def mu(self):
         """Curvature of the regulariser + proximal term: 2(ρ + ρ')."""
-        return 2.0 * (self.rho + (self.rho_prox if self.anchor is not None else 0.0))
+        return _w_curvature(self.rho, self.rho_prox, self.anchor is not None)
 
     def objective(self, p):
         val = self.fit(preactivation(self.spec, p, self.x_in)) + self.rho * _sq_norm(p["kernel"])
         if self.anchor is not None:
             val = val + self.rho_prox * _sq_norm(jax.tree_util.tree_map(jnp.subtract, p, self.anchor))
         return val
+
+
+def _w_curvature(rho, rho_prox, has_anchor: bool):
+    """μ = 2(ρ + ρ') of a W block, ρ' counted only with an anchor (no proximal term without one)."""
+    return 2.0 * (rho + (rho_prox if has_anchor else 0.0))
 
 
 def _frobenius(tree) -> jax.Array:
@@ -673,7 +678,7 @@ def solve_w_hidden_stacked(
 
     args = (layers, x_ins, x_outs, lams, anchors)
     solved = jax.vmap(functools.partial(one, w_mode))(*args)
-    mu = 2.0 * (rho + (rho_prox if anchors is not None else 0.0))  # `WBlock.mu`
+    mu = _w_curvature(rho, rho_prox, anchors is not None)
     if not _has_fallback(spec.w_form(w_mode, x_ins[0], mu), x_ins.dtype):
         return solved
     return _retry_nonfinite(solved, lambda: jax.vmap(functools.partial(one, "primal_mm"))(*args))

@@ -18,7 +18,7 @@ from fenchel import blocks
 from fenchel.blocks import SolverConfig
 from fenchel.layers import Dense
 from fenchel.penalties import ACTIVATIONS, get_penalty
-from fenchel.solvers import FISTA, Composite, Result, row_sums
+from fenchel.solvers import FISTA, Composite, Result, SolveInfo, row_sums
 
 TIGHT = SolverConfig(tol=1e-9, max_steps=20000)
 DEFAULT_POWER_ITERS = SolverConfig(tol=1.0, max_steps=1).power_iters
@@ -1131,9 +1131,10 @@ def test_a_kernel_w_block_that_float32_cannot_factor_is_solved_in_the_primal_for
     assert spec.w_form("auto", x_in, block.mu) == "kernel_mm"
     _, plain = blocks.solve_w(block, cfg, "kernel_mm", fallback=False)
     assert int(plain.result) == Result.NONFINITE
+    _, auto = blocks.solve_w(block, cfg)  # w_mode "auto", as the trainers call it, resolves to kernel_mm: retried
     out, info = blocks.solve_w(block, cfg, "kernel_mm")
     ref, ref_info = blocks.solve_w_primal_mm(block, cfg)
-    assert int(info.result) == int(ref_info.result) != Result.NONFINITE
+    assert int(info.result) == int(auto.result) == int(ref_info.result) != Result.NONFINITE
     assert int(info.steps) == int(ref_info.steps)
     # the same solve (compiled inside a cond, so rounded differently: the block is ill-conditioned)
     np.testing.assert_allclose(float(info.value), float(ref_info.value), rtol=1e-4)
@@ -1143,11 +1144,13 @@ def test_a_kernel_w_block_that_float32_cannot_factor_is_solved_in_the_primal_for
     assert float(info.value) <= float(fit(x_in @ layer["kernel"] + layer["bias"])) * (1 + 1e-6)
 
 
-def test_stacked_hidden_w_blocks_retry_only_the_block_float32_cannot_factor():
+@pytest.mark.parametrize("rho", [1e-5, 0.0])
+def test_stacked_hidden_w_blocks_retry_only_the_block_float32_cannot_factor(rho):
     """Two hidden blocks stacked (`solve_w_hidden_stacked`, the `stack_layers` path): one with raw-scale, nearly
     collinear inputs, whose float32 kernel_mm system cannot be factored, and one with unit-scale inputs. Each
     result is its own block's: the first the primal_mm solve (it would be NONFINITE without the retry, which a
-    cond under vmap cannot give), the second the kernel_mm solve, untouched by its neighbour's retry."""
+    cond under vmap cannot give), the second the kernel_mm solve. ρ = 0 with ρ' > 0 is still kernel_mm (μ counts
+    ρ'), so it is retried too."""
     rng = np.random.default_rng(12)
     f32 = jnp.float32
     raw = 1e4 * np.abs(rng.normal(size=(1, 80))) + rng.normal(size=(50, 80))
@@ -1159,12 +1162,12 @@ def test_stacked_hidden_w_blocks_retry_only_the_block_float32_cannot_factor():
 
     def own(k, w_mode, **kw):
         layer = {n: v[k] for n, v in layers.items()}
-        return blocks.solve_w_hidden(pen, spec, layer, x_ins[k], x_outs[k], lams[k], 1e-5, cfg, layer, 0.1, w_mode,
-                              anchor_is_start=True, **kw)
+        return blocks.solve_w_hidden(pen, spec, layer, x_ins[k], x_outs[k], lams[k], rho, cfg, layer, 0.1, w_mode,
+                                     anchor_is_start=True, **kw)
 
-    assert spec.w_form("auto", x_ins[0], 2 * (1e-5 + 0.1)) == "kernel_mm"
+    assert spec.w_form("auto", x_ins[0], 2 * (rho + 0.1)) == "kernel_mm"
     assert int(own(0, "kernel_mm", fallback=False)[1].result) == Result.NONFINITE
-    out, info = blocks.solve_w_hidden_stacked(pen, spec, layers, x_ins, x_outs, lams, 1e-5, cfg, layers, 0.1,
+    out, info = blocks.solve_w_hidden_stacked(pen, spec, layers, x_ins, x_outs, lams, rho, cfg, layers, 0.1,
                                               anchor_is_start=True)
     for k, (ref, ref_info) in enumerate([own(0, "primal_mm"), own(1, "kernel_mm", fallback=False)]):
         assert int(info.result[k]) == int(ref_info.result) != Result.NONFINITE
@@ -1174,3 +1177,55 @@ def test_stacked_hidden_w_blocks_retry_only_the_block_float32_cannot_factor():
         for n in ("kernel", "bias"):
             np.testing.assert_allclose(np.asarray(out[n][k]), np.asarray(ref[n]), rtol=0, atol=atol,
                                        err_msg=f"block {k} {n}")
+
+
+def test_the_retry_replaces_exactly_the_non_finite_blocks():
+    """`_retry_nonfinite` on three stacked blocks, NONFINITE, MAX_STEPS and CONVERGED, with a retry that marks
+    what it returns: only the first block takes it (a block that merely ran out of steps keeps its own result)."""
+    def info(results):
+        return SolveInfo(result=jnp.asarray(results, jnp.int32), residual=jnp.zeros(3),
+                         steps=jnp.zeros(3, jnp.int32), value=jnp.zeros(3))
+
+    solved = ({"kernel": jnp.asarray([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), "bias": jnp.asarray([1.0, 2.0, 3.0])},
+              info([Result.NONFINITE, Result.MAX_STEPS, Result.CONVERGED]))
+    again = ({"kernel": jnp.full((3, 2), -7.0), "bias": jnp.full(3, -7.0)}, info([Result.CONVERGED] * 3))
+    out, out_info = blocks._retry_nonfinite(solved, lambda: again)
+    np.testing.assert_array_equal(out["kernel"], [[-7.0, -7.0], [2.0, 2.0], [3.0, 3.0]])
+    np.testing.assert_array_equal(out["bias"], [-7.0, 2.0, 3.0])
+    np.testing.assert_array_equal(out_info.result, [Result.CONVERGED, Result.MAX_STEPS, Result.CONVERGED])
+    untouched, _ = blocks._retry_nonfinite((solved[0], info([Result.MAX_STEPS] * 3)), lambda: again)
+    np.testing.assert_array_equal(untouched["kernel"], solved[0]["kernel"])
+
+
+def test_primal_mm_iterates_are_mm_fista_in_the_jittered_metric(monkeypatch):
+    """primal_mm factors P + δ·diag(P) (`majoriser_jitter`), and its steps, restart test and residual must all use
+    that one metric. δ is ~10⁻¹³ in float64, invisible; forced to 0.5 here, the iterates and residuals of steps
+    1–8 (a restart among them) must be numpy MM-FISTA's in P + 0.5·diag(P), not in P or in P + 0.5·I."""
+    delta = 0.5
+    monkeypatch.setattr(blocks, "majoriser_jitter", lambda n, dtype: delta)
+    pen = get_penalty("relu")
+    x_in, x_out, layer = kernel_form_problem()
+    x_in, x_out, layer = np.asarray(x_in), np.asarray(x_out), {k: np.asarray(v) for k, v in layer.items()}
+    lam, rho, rho_prox = 0.5, 1e-2, 0.3
+    anchor = {"kernel": layer["kernel"] + rand(191, layer["kernel"].shape, 0.2), "bias": layer["bias"] - 0.1}
+    n, n_in = x_in.shape
+    flat = w_objective(x_in, N_OUT, hidden_fit("relu", x_out, lam), rho, anchor, rho_prox)
+
+    def fg(theta):
+        val, g = flat(np.concatenate([theta[:-1].ravel(), theta[-1]]))
+        return val, np.vstack([g[:n_in * N_OUT].reshape(n_in, N_OUT), g[n_in * N_OUT:]])
+
+    z = np.hstack([x_in, np.ones((n, 1))])
+    p = lam / n * z.T @ z + np.diag([2.0 * (rho + rho_prox)] * n_in + [2.0 * rho_prox])
+    p = p + 1e-10 * np.trace(p) / p.shape[0] * np.eye(n_in + 1)
+    xs, residuals, restarts = mm_fista_reference(fg, np.vstack([layer["kernel"], layer["bias"]]),
+                                                 p + delta * np.diag(np.diag(p)), 8)
+    assert any(restarts)
+    jx, ja = ({k: jnp.asarray(v) for k, v in t.items()} for t in (layer, anchor))
+    for k in range(1, 9):
+        out, info = blocks.solve_w_hidden(pen, Dense(N_OUT), jx, jnp.asarray(x_in), jnp.asarray(x_out), lam, rho,
+                                          SolverConfig(tol=1e-14, max_steps=k), ja, rho_prox, w_mode="primal_mm")
+        assert int(info.steps) == k
+        np.testing.assert_allclose(np.vstack([out["kernel"], out["bias"]]), xs[k - 1], atol=1e-10,
+                                   err_msg=f"step {k}")
+        assert float(info.residual) == pytest.approx(residuals[k - 1], rel=1e-8)
