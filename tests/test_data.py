@@ -375,3 +375,12 @@ def test_the_fingerprint_format_is_pinned(tmp_path):
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode() + a.tobytes())
     h.update(b"num_classes:None")
     assert data.dataset_fingerprint("npz", data_file=str(tmp_path / "pin.npz")) == h.hexdigest()
+    # a declared class count is part of the data: the same arrays with 3 or 4 classes train other networks
+    for k in (3, 4):
+        np.savez(tmp_path / f"k{k}.npz", x_train=x, y_train=y, x_test=x, y_test=y, num_classes=np.array(k))
+    h4 = hashlib.sha256()
+    for name, a in (("x_train", x), ("y_train", y), ("x_test", x), ("y_test", y)):
+        h4.update(f"{name}:{a.dtype.str}:{a.shape};".encode() + a.tobytes())
+    h4.update(b"num_classes:4")
+    assert data.dataset_fingerprint("npz", data_file=str(tmp_path / "k4.npz")) == h4.hexdigest()
+    assert data.dataset_fingerprint("npz", data_file=str(tmp_path / "k3.npz")) != h4.hexdigest()

@@ -716,6 +716,70 @@ def test_a_run_whose_data_file_changed_is_refused_not_reused(tmp_path, capsys):
         tables.write_tables([tmp_path / "run", tmp_path / "copy"], tmp_path / "table")
 
 
+def test_a_summary_on_other_data_is_refused_even_without_its_checkpoint(tmp_path):
+    """A finished run whose checkpoint is gone: relaunching on regenerated data must not hand back the old
+    summary (the summary's own record is checked, not only the checkpoint's)."""
+    path = tmp_path / "blobs.npz"
+    _blobs(path, seed=0)
+    config = tiny(trainer="adam", dataset="npz", data_file=str(path), train_size=0, test_size=0, batch_size=50,
+                  layers="dense:8", total_epochs=1, objective_batch=100)
+    train_and_evaluate(config, tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.msgpack").unlink()
+    _blobs(path, seed=1)
+    with pytest.raises(WorkdirError, match="summary.json was computed on other data"):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_runs_from_before_data_fingerprints_are_still_accepted(tmp_path, capsys):
+    """Checkpoints and summaries written before runs recorded `data_sha256` have none: they resume, count in
+    tables next to newer runs, and stay in reproduce's table (there is nothing to compare)."""
+    from test_tables import make_run
+
+    from experiments import reproduce
+    from experiments.train import check_data
+
+    cfg = ml_collections.ConfigDict({"dataset": "npz", "data_file": "d.npz", "data_dir": ""})
+    check_data(None, "a" * 64, tmp_path / "summary.json", cfg)
+    with pytest.raises(WorkdirError, match="other data"):
+        check_data("b" * 64, "a" * 64, tmp_path / "summary.json", cfg)
+    new = {"data_sha256": "a" * 64}
+    row = [make_run(tmp_path, "old0", "adam", 0, 0.9), make_run(tmp_path, "new1", "adam", 1, 0.95, summary_extra=new),
+           make_run(tmp_path, "new2", "adam", 2, 0.97, summary_extra=new)]
+    assert "(n=3)" in tables.write_tables(row, tmp_path / "t1")
+    same = [make_run(tmp_path, "a", "adam", 0, 0.9, summary_extra=new), make_run(tmp_path, "b", "adam", 0, 0.9)]
+    tables.write_tables(same, tmp_path / "t2")
+    assert reproduce.on_current_data(row[:1], {}) == row[:1]
+
+
+def test_reproduce_leaves_out_a_run_whose_data_file_is_gone(tmp_path, capsys):
+    from test_tables import make_run
+
+    from experiments import reproduce
+
+    run = make_run(tmp_path, "r", "adam", 0, 0.9, summary_extra={"data_sha256": "a" * 64}, dataset="npz",
+                   data_file=str(tmp_path / "gone.npz"), data_dir="")
+    assert reproduce.on_current_data([run], {}) == []
+    assert "left out of the table" in capsys.readouterr().err
+
+
+def test_only_a_launchs_first_step_leaves_its_wait_out_of_the_progress_rate(tmp_path, monkeypatch):
+    """The first step of each launch compiles (its wait is left out of the bar's rate); every later step, the
+    first of a later epoch included, counts, or the evaluations and checkpoints would drop out of the ETA."""
+    from experiments import train
+
+    path = tmp_path / "blobs.npz"
+    _blobs(path, seed=0)
+    calls = []
+    monkeypatch.setattr(train, "advance", lambda progress, leave_out_wait=False: calls.append(leave_out_wait))
+    config = tiny(trainer="adam", dataset="npz", data_file=str(path), train_size=0, test_size=0, batch_size=50,
+                  layers="dense:8", total_epochs=3, objective_batch=100, progress=True)
+    train_and_evaluate(config, tmp_path / "run", max_epochs_this_run=2)  # 200 examples: 4 steps an epoch
+    assert calls == [True] + [False] * 7
+    calls.clear()
+    train_and_evaluate(config, tmp_path / "run")  # resumed: a new launch compiles again
+    assert calls == [True] + [False] * 3
+
+
 def test_reproduce_checks_every_dataset_before_any_run_and_reports_when_nothing_finished(tmp_path):
     good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
     _blobs(good, seed=0)
