@@ -294,8 +294,8 @@ def staircase(before: dict, after: dict, n_layers: int) -> list:
 def advance(progress, leave_out_wait: bool = False) -> None:
     """One step on the progress bar. leave_out_wait: the time since the bar last refreshed (a launch's first step,
     which compiles it) is left out of the bar's rate and so of its ETA; the elapsed time still counts it."""
-    if leave_out_wait:
-        progress.last_print_t = time.time()  # tqdm's rate is an average of (steps, seconds) between refreshes
+    if leave_out_wait:  # tqdm's rate averages (steps, seconds) between refreshes: count neither this step nor its wait
+        progress.last_print_t, progress.last_print_n = time.time(), progress.n + 1
     progress.update(1)
 
 

@@ -668,18 +668,18 @@ def solve_w_hidden_stacked(
     """`solve_w_hidden` for K hidden blocks of one spec, shape, ρ and ρ', stacked on a leading axis (layers,
     inputs, outputs, λ and anchors): one solve vmapped over the K blocks, each block's result that of its own solve.
 
-    The primal_mm fallback of a non-finite kernel_mm solve (`solve_w`) is taken outside the vmap: a `lax.cond`
-    under vmap would run both branches, so the stacked blocks are solved again (vmapped) only when one of them
-    is non-finite, and only those blocks take the retry's result.
+    The primal_mm fallback of a non-finite kernel_mm solve in float32 or narrower (`solve_w`) is taken outside
+    the vmap, where a `lax.cond` would run both branches: when any block is non-finite, all K blocks are solved
+    again in the primal_mm form (vmapped) and only the non-finite ones take that result.
     """
     def one(form, layer, x_in, x_out, lam, anchor):
         return solve_w_hidden(penalty, spec, layer, x_in, x_out, lam, rho, cfg, anchor, rho_prox, form,
                               anchor_is_start, fallback=False)
 
     args = (layers, x_ins, x_outs, lams, anchors)
-    solved = jax.vmap(functools.partial(one, w_mode))(*args)
-    mu = _w_curvature(rho, rho_prox, anchors is not None)
-    if not _has_fallback(spec.w_form(w_mode, x_ins[0], mu), x_ins.dtype):
+    form = spec.w_form(w_mode, x_ins[0], _w_curvature(rho, rho_prox, anchors is not None))  # the same for all K
+    solved = jax.vmap(functools.partial(one, form))(*args)
+    if not _has_fallback(form, x_ins.dtype):
         return solved
     return _retry_nonfinite(solved, lambda: jax.vmap(functools.partial(one, "primal_mm"))(*args))
 
