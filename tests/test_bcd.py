@@ -16,6 +16,7 @@ from scipy import optimize, special
 from fenchel import SCHEDULES, LiftedConfig, LiftedTrainer, init_params, mlp
 from fenchel.bcd import X_CHUNK_BYTES_CPU
 from fenchel.penalties import ACTIVATIONS
+from fenchel.solvers import Result
 
 SIZES = (5, 8, 7, 6, 3)  # three hidden layers: both parities in the parallel schedule
 SMALL = (5, 6, 4, 3)  # two hidden layers, for the (compile-heavy) sweep tests
@@ -321,6 +322,29 @@ def test_stacked_w_step_equals_the_list_of_blocks(granularity):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12, err_msg=f"layer {l} {k}")
         assert int(s_infos[l].steps) == int(l_infos[l].steps)
     assert not np.allclose(stacked[1]["kernel"], params[1]["kernel"])  # the blocks moved
+
+
+def test_a_float32_stacked_w_step_retries_the_block_it_cannot_factor_like_the_list_of_blocks():
+    """float32, stack_layers="on": W_1's inputs raw-scale and nearly collinear (its kernel_mm system cannot be
+    factored), W_2's unit-scale, 12 samples ≤ 16 inputs (the kernel forms). The stacked W step must retry W_1 in
+    the primal_mm form like the list of blocks does (`blocks.solve_w`), not report it non-finite."""
+    sizes, f32 = (5, 16, 16, 16, 3), jnp.float32
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(12, 5)), f32)
+    y = jax.nn.one_hot(rng.integers(0, 3, 12), 3, dtype=f32)
+    raw = 1e4 * np.abs(rng.normal(size=(1, 16))) + rng.normal(size=(12, 16))
+    xs = [jnp.asarray(a, f32) for a in (raw, np.abs(rng.normal(size=(12, 16))), np.abs(rng.normal(size=(12, 16))))]
+    params = jax.tree_util.tree_map(lambda a: a.astype(f32), init(2, sizes))
+    cfg = dict(lambdas=(1.0, 1.0, 1.0), rho=1e-5, rho_prox=0.1)
+    on, off = trainer(sizes, stack_layers="on", **cfg), trainer(sizes, stack_layers="off", **cfg)
+    assert on._w_groups(xs, x) == [[0], [1, 2], [3]]
+    stacked, s_infos = on.w_step(params, xs, x, y, params, True)
+    listed, l_infos = off.w_step(params, xs, x, y, params, True)
+    for l in (1, 2):
+        assert int(s_infos[l].result) == int(l_infos[l].result) != Result.NONFINITE, f"layer {l}"
+        scale = float(np.abs(np.asarray(listed[l]["kernel"])).max())
+        np.testing.assert_allclose(np.asarray(stacked[l]["kernel"]), np.asarray(listed[l]["kernel"]), rtol=0,
+                                   atol=1e-2 * scale, err_msg=f"layer {l}")
 
 
 def test_stacked_minibatch_training_equals_unstacked():
