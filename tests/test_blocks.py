@@ -1073,24 +1073,32 @@ def mm_fista_reference(fg, theta0, p_mat, steps):
     return xs, residuals, restarts
 
 
-@pytest.mark.parametrize("anchor_is_start", [True, False])
-def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start):
-    """kernel_mm after k steps against a numpy MM-FISTA on (W, b) with P = c·[X 1]ᵀ[X 1] + μI (μ on the bias too),
-    k = 1..8, a restart among them (catches the closed-form first step's momentum, a wrong W_a coefficient c* of the
-    later iterates, or a wrong inner product in the reduced loop's restart test or residual)."""
-    pen = get_penalty("relu")
+def mm_problem(anchor_is_start: bool):
+    """The anchored ReLU hidden W block of the MM-FISTA comparisons (numpy): (x_in, x_out, layer, anchor, λ, ρ, ρ',
+    fg), fg(Θ) → (objective, gradient) on Θ = [W; bᵀ]."""
     x_in, x_out, layer = (np.asarray(a) if not isinstance(a, dict) else {k: np.asarray(v) for k, v in a.items()}
                           for a in kernel_form_problem())
     lam, rho, rho_prox = 0.5, 1e-2, 0.3
     anchor = layer if anchor_is_start else {"kernel": layer["kernel"] + rand(191, layer["kernel"].shape, 0.2),
                                             "bias": layer["bias"] - 0.1}
-    n, n_in = x_in.shape
+    n_in = x_in.shape[1]
     flat = w_objective(x_in, N_OUT, hidden_fit("relu", x_out, lam), rho, anchor, rho_prox)
 
     def fg(theta):
         val, g = flat(np.concatenate([theta[:-1].ravel(), theta[-1]]))
         return val, np.vstack([g[:n_in * N_OUT].reshape(n_in, N_OUT), g[n_in * N_OUT:]])
 
+    return x_in, x_out, layer, anchor, lam, rho, rho_prox, fg
+
+
+@pytest.mark.parametrize("anchor_is_start", [True, False])
+def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start):
+    """kernel_mm after k steps against a numpy MM-FISTA on (W, b) with P = c·[X 1]ᵀ[X 1] + μI (μ on the bias too),
+    k = 1..8, a restart among them (catches the closed-form first step's momentum, a wrong W_a coefficient c* of the
+    later iterates, or a wrong inner product in the reduced loop's restart test or residual)."""
+    pen = get_penalty("relu")
+    x_in, x_out, layer, anchor, lam, rho, rho_prox, fg = mm_problem(anchor_is_start)
+    n, n_in = x_in.shape
     z = np.hstack([x_in, np.ones((n, 1))])
     p_mat = lam / n * z.T @ z + 2.0 * (rho + rho_prox) * np.eye(n_in + 1)
     theta0 = np.vstack([layer["kernel"], layer["bias"]])
@@ -1204,17 +1212,8 @@ def test_primal_mm_iterates_are_mm_fista_in_the_jittered_metric(monkeypatch):
     delta = 0.5
     monkeypatch.setattr(blocks, "majoriser_jitter", lambda n, dtype: delta)
     pen = get_penalty("relu")
-    x_in, x_out, layer = kernel_form_problem()
-    x_in, x_out, layer = np.asarray(x_in), np.asarray(x_out), {k: np.asarray(v) for k, v in layer.items()}
-    lam, rho, rho_prox = 0.5, 1e-2, 0.3
-    anchor = {"kernel": layer["kernel"] + rand(191, layer["kernel"].shape, 0.2), "bias": layer["bias"] - 0.1}
+    x_in, x_out, layer, anchor, lam, rho, rho_prox, fg = mm_problem(anchor_is_start=False)
     n, n_in = x_in.shape
-    flat = w_objective(x_in, N_OUT, hidden_fit("relu", x_out, lam), rho, anchor, rho_prox)
-
-    def fg(theta):
-        val, g = flat(np.concatenate([theta[:-1].ravel(), theta[-1]]))
-        return val, np.vstack([g[:n_in * N_OUT].reshape(n_in, N_OUT), g[n_in * N_OUT:]])
-
     z = np.hstack([x_in, np.ones((n, 1))])
     p = lam / n * z.T @ z + np.diag([2.0 * (rho + rho_prox)] * n_in + [2.0 * rho_prox])
     p = p + 1e-10 * np.trace(p) / p.shape[0] * np.eye(n_in + 1)
