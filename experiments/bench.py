@@ -16,6 +16,8 @@ compile time (first call minus median) is reported separately. Sections (`--sect
   blocks   each block of a 784-300-100-10 minibatch update: median time at the default iteration budget and
            the iterations each needs to reach its tolerance (budget raised to 1000).
   layers   equal-width hidden W blocks through LiftedTrainer, stack_layers off (a list) and on (stacked, vmapped).
+  retry    the W blocks' non-finite retry (`w_retry`) on and off: the 784-300-10 step at 10 / 3 and 3 / 2 against
+           Adam's (`--budget-steps` steps per call), and the layers section's W step and update (JSON: `retry`).
   curves   time per full-batch sweep of 784-300-10 against samples (1k … 60k) and of 784-W-10 against width
            W (100 … 4000), with fitted growth exponents (least squares on log time against log size).
   fullbatch  full-batch BCD of 784-300-10 on `--fullbatch-samples` images with each dense W form for more samples
@@ -66,8 +68,8 @@ from fenchel.penalties import ACTIVATIONS
 
 ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:100",
                  "lenet5": mnist_lenet5.get_config().layers}
-SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "curves", "fullbatch", "devices", "model",
-            "memory")
+SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "retry", "curves", "fullbatch", "devices",
+            "model", "memory")
 # the fullbatch section's variants: (W form for N > n_in, x_chunk_bytes); the last is the default
 FULLBATCH_VARIANTS = (("primal", -1), ("primal_mm", 0), ("primal_mm", -1))
 
@@ -352,6 +354,62 @@ def section_layers(args, out: dict) -> None:
           f"update: {row['update_off_s'] * 1e3:.2f} / {row['update_on_s'] * 1e3:.2f} ms", flush=True)
 
 
+def section_retry(args, out: dict) -> None:
+    """What the W blocks' non-finite retry (`LiftedConfig.w_retry`, one `lax.cond` per W block) costs: the
+    784-300-10 minibatch step at 10 / 3 and 3 / 2 iterations with it and without, alternating with Adam's step
+    (`--budget-steps` steps per call), and the W step and update of 784-300-300-300-300-10 listed and stacked."""
+    lifted, adam = _job(ARCHITECTURES["784-300-10"], "fenchel"), _job(ARCHITECTURES["784-300-10"], "adam")
+    x, y = lifted.x_train, lifted.y_train
+    n = args.budget_steps
+    idxs = loop.epoch_batches(0, 0, x.shape[0], 100)[:n]
+
+    def run(trainer, state):
+        step = loop.step_on_rows(trainer)
+        for idx in idxs:
+            state = step(state, x, y, idx)[0]
+        return state
+
+    calls = {"adam": (run, (adam.trainer, adam.trainer.init(adam.params0)))}
+    for xs, ws in ((10, 3), (3, 2)):
+        for retry in (True, False):
+            cfg = dataclasses.replace(lifted.trainer.config, x_max_steps=xs, w_max_steps=ws, w_retry=retry)
+            tr = LiftedTrainer(cfg, lifted.trainer.layers)
+            calls[f"{xs}/{ws} {retry}"] = (run, (tr, tr.init(lifted.params0)))
+    step_s = {label: t["median_s"] / n for label, t in timed_alternating(calls, args.reps).items()}
+    rows = [{"x_max_steps": xs, "w_max_steps": ws, "step_retry_s": step_s[f"{xs}/{ws} True"],
+             "step_no_retry_s": step_s[f"{xs}/{ws} False"]} for xs, ws in ((10, 3), (3, 2))]
+
+    job = _job(",".join(["dense:300"] * 4), "adam")
+    xb, yb, params = job.x_train[:100], job.y_train[:100], job.params0
+    calls_per_rep = 20
+    calls = {}
+    for mode in ("off", "on"):
+        for retry in (True, False):
+            tr = LiftedTrainer(LiftedConfig(stack_layers=mode, w_retry=retry), job.layers)
+            xs_, _ = tr.x_step(params, tr.forward(params, xb), xb, yb)
+
+            def w_steps(p, z, tr=tr):
+                for _ in range(calls_per_rep):
+                    out = tr.w_step(p, z, xb, yb, p, True)
+                return out
+
+            def updates(p, tr=tr):
+                for _ in range(calls_per_rep):
+                    p = tr.minibatch_update(p, xb, yb)[0]
+                return p
+
+            calls[f"w {mode} {retry}"] = (w_steps, (params, xs_))
+            calls[f"update {mode} {retry}"] = (updates, (params,))
+    layer_s = {label: t["median_s"] / calls_per_rep for label, t in timed_alternating(calls, args.reps).items()}
+    layers = [{"stack_layers": mode, "w_step_retry_s": layer_s[f"w {mode} True"],
+               "w_step_no_retry_s": layer_s[f"w {mode} False"], "update_retry_s": layer_s[f"update {mode} True"],
+               "update_no_retry_s": layer_s[f"update {mode} False"]} for mode in ("off", "on")]
+    out["retry"] = {"adam_step_s": step_s["adam"], "steps": rows, "layers": layers}
+    said = [f"{r['x_max_steps']}/{r['w_max_steps']} step {r['step_retry_s'] * 1e3:.2f} ms with the retry, "
+            f"{r['step_no_retry_s'] * 1e3:.2f} without" for r in rows]
+    print(f"  {'; '.join(said)} (Adam {step_s['adam'] * 1e3:.2f} ms)", flush=True)
+
+
 def _sharded_step_and_sweep(job, dp, args) -> dict:
     """The lifted minibatch step (batch 800) and full-batch sweep of `job` run sharded by `dp` (primal_mm, the
     configuration a sharded run uses), and the bytes of the step's state on the first device."""
@@ -524,6 +582,20 @@ def print_tables(out: dict) -> None:
               f"W step {r['w_step_off_s'] * 1e3:.2f} / {r['w_step_on_s'] * 1e3:.2f} ms "
               f"({r['w_step_on_over_off']:.2f}x), minibatch update {r['update_off_s'] * 1e3:.2f} / "
               f"{r['update_on_s'] * 1e3:.2f} ms ({r['update_on_over_off']:.2f}x)")
+    if "retry" in out:
+        r = out["retry"]
+        print("\n| W retry (`w_retry` True / False), batch 100 | ms, with | without | "
+              f"/ Adam step ({r['adam_step_s'] * 1e3:.2f} ms), with | without |")
+        print("|---|---|---|---|---|")
+        for row in r["steps"]:
+            print(f"| 784-300-10, {row['x_max_steps']} / {row['w_max_steps']} | {row['step_retry_s'] * 1e3:.3f} | "
+                  f"{row['step_no_retry_s'] * 1e3:.3f} | {row['step_retry_s'] / r['adam_step_s']:.2f} | "
+                  f"{row['step_no_retry_s'] / r['adam_step_s']:.2f} |")
+        for row in r["layers"]:
+            print(f"| 784-300×4-10 W step, stack_layers={row['stack_layers']} | {row['w_step_retry_s'] * 1e3:.3f} | "
+                  f"{row['w_step_no_retry_s'] * 1e3:.3f} | | |")
+            print(f"| 784-300×4-10 update, stack_layers={row['stack_layers']} | {row['update_retry_s'] * 1e3:.3f} | "
+                  f"{row['update_no_retry_s'] * 1e3:.3f} | | |")
     if "curves" in out:
         for key, label in (("samples", "samples (784-300-10)"), ("width", "hidden width (784-W-10)")):
             c = out["curves"][key]

@@ -50,8 +50,9 @@ from fenchel.sharding import DataParallel, device_mesh
 
 # Fields that may change between launches of one run: the progress bar, the devices (a sharded run's results
 # equal the one-device run's up to the order of floating-point sums), stack_layers and x_chunk_bytes (likewise),
-# and bound_max_sweeps (what the logged relaxation bound costs; training is the same).
-NOT_IDENTITY = ("progress", "stack_layers", "bound_max_sweeps", "x_chunk_bytes", "mesh_data", "mesh_model",
+# bound_max_sweeps (what the logged relaxation bound costs; training is the same) and w_retry (a run that goes on
+# is the same with it or without).
+NOT_IDENTITY = ("progress", "stack_layers", "bound_max_sweeps", "x_chunk_bytes", "w_retry", "mesh_data", "mesh_model",
                 "distributed", "coordinator_address", "num_processes", "process_id")
 PENALTY_TOLERANCE = 1e-6  # a logged penalty below −this is a numerical breakdown (B ≥ 0 in exact arithmetic)
 

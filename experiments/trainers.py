@@ -115,7 +115,7 @@ _PER_LAYER = {"lambdas": ("lambda_", "lambda_per_layer"), "rho": ("rho", "rho_pe
               "rho_prox": ("rho_prox", "rho_prox_per_layer")}
 _SAME_NAME = ("lbd_coef", "alternations", "schedule", "x_mode", "w_mode", "x_tol", "x_max_steps", "w_tol",
               "w_max_steps", "lambda_update", "lambda_step", "lambda_growth", "lambda_max", "lambda_granularity",
-              "outer_momentum", "stack_layers", "bound_max_sweeps", "x_chunk_bytes")
+              "outer_momentum", "stack_layers", "bound_max_sweeps", "x_chunk_bytes", "w_retry")
 
 LIFTED_FIELDS = {
     **{key: _ENGINE[field] for field, (key, _) in _PER_LAYER.items()},

@@ -97,6 +97,13 @@ class LiftedConfig:
     stack_layers: hidden W blocks of the same shape (layer spec, input shape, ρ, ρ') solved as one block
       vmapped over their stacked layers: "on", "off", or "auto" (on except on the CPU backend, where it does
       not pay; docs/benchmarks.md). The result is the same up to float rounding.
+    w_retry: a float32 (or narrower) W block solved in the kernel_mm form that comes back non-finite (raw-scale,
+      nearly collinear inputs whose N × N system float32 cannot factor) is solved again in the primal_mm form
+      (`blocks.solve_w`). Its `lax.cond` costs nothing measurable on the CPU; on a GPU it is a round trip to the
+      host per W block, and it keeps XLA's WHILE/CONDITIONAL command buffers from capturing the step (H100,
+      784-300-10, batch 100, 10 / 3 iterations: 1.63–1.73 ms per step with it, 1.51–1.64 without; with those
+      command buffers 1.47–1.61 and 1.16–1.17; docs/benchmarks.md). False: such a block stops the run as
+      diverged instead. A run that goes on is the same either way.
     """
 
     activation: str = "relu"
@@ -124,6 +131,7 @@ class LiftedConfig:
     stack_layers: str = "auto"
     bound_max_sweeps: int = 50
     x_chunk_bytes: int = -1
+    w_retry: bool = True
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -133,6 +141,7 @@ class LiftedConfig:
         need(self.loss in LOSSES, "loss", f"unknown loss; known: {', '.join(LOSSES)}")
         need(self.schedule in SCHEDULES, "schedule", f"unknown schedule; known: {', '.join(SCHEDULES)}")
         need(self.w_mode in W_FORMS, "w_mode", f"unknown w_mode; known: {', '.join(W_FORMS)}")
+        need(isinstance(self.w_retry, bool), "w_retry", "must be True or False")
         need(self.x_mode in blocks.X_MODES, "x_mode", f"unknown x_mode; known: {', '.join(blocks.X_MODES)}")
         for name, upper in (("lambdas", 1e6), ("rho", None), ("rho_prox", None)):
             vals = getattr(self, name)
@@ -397,11 +406,11 @@ class LiftedTrainer(Trainer):
         if l == self.n_layers - 1:
             return blocks.solve_w_out(
                 self.layers[l], params[l], inputs[l], y, self.rhos[l], c.loss, c.w_solver, anchor,
-                self.rho_proxes[l], c.w_mode, anchor_is_start, merge,
+                self.rho_proxes[l], c.w_mode, anchor_is_start, merge, c.w_retry,
             )
         return blocks.solve_w_hidden(
             self.penalty, self.layers[l], params[l], inputs[l], xs[l], lams[l], self.rhos[l], c.w_solver,
-            anchor, self.rho_proxes[l], c.w_mode, anchor_is_start,
+            anchor, self.rho_proxes[l], c.w_mode, anchor_is_start, c.w_retry,
         )
 
     def _w_groups(self, xs, x0) -> list:
@@ -432,7 +441,7 @@ class LiftedTrainer(Trainer):
         new, info = blocks.solve_w_hidden_stacked(
             self.penalty, self.layers[first], stack([params[l] for l in group]), stack([inputs[l] for l in group]),
             stack([xs[l] for l in group]), stack([jnp.asarray(lams[l], dtype) for l in group]), self.rhos[first],
-            c.w_solver, anchor, self.rho_proxes[first], c.w_mode, anchor_is_start)
+            c.w_solver, anchor, self.rho_proxes[first], c.w_mode, anchor_is_start, c.w_retry)
         return {l: jax.tree_util.tree_map(lambda a, k=k: a[k], (new, info)) for k, l in enumerate(group)}
 
     def _w_step(self, params, xs, x0, y, anchors=None, anchor_is_start=False, merge=None, lams=None):

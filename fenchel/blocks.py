@@ -664,13 +664,14 @@ def solve_w_hidden_stacked(
     rho_prox: float = 0.0,
     w_mode: str = "auto",
     anchor_is_start: bool = False,
+    fallback: bool = True,
 ) -> tuple[dict, SolveInfo]:
     """`solve_w_hidden` for K hidden blocks of one spec, shape, ρ and ρ', stacked on a leading axis (layers,
     inputs, outputs, λ and anchors): one solve vmapped over the K blocks, each block's result that of its own solve.
 
     The primal_mm fallback of a non-finite kernel_mm solve in float32 or narrower (`solve_w`) is taken outside
     the vmap, where a `lax.cond` would run both branches: when any block is non-finite, all K blocks are solved
-    again in the primal_mm form (vmapped) and only the non-finite ones take that result.
+    again in the primal_mm form (vmapped) and only the non-finite ones take that result (fallback=False: never).
     """
     def one(form, layer, x_in, x_out, lam, anchor):
         return solve_w_hidden(penalty, spec, layer, x_in, x_out, lam, rho, cfg, anchor, rho_prox, form,
@@ -679,7 +680,7 @@ def solve_w_hidden_stacked(
     args = (layers, x_ins, x_outs, lams, anchors)
     form = spec.w_form(w_mode, x_ins[0], _w_curvature(rho, rho_prox, anchors is not None))  # the same for all K
     solved = jax.vmap(functools.partial(one, form))(*args)
-    if not _has_fallback(form, x_ins.dtype):
+    if not fallback or not _has_fallback(form, x_ins.dtype):
         return solved
     return _retry_nonfinite(solved, lambda: jax.vmap(functools.partial(one, "primal_mm"))(*args))
 
@@ -697,13 +698,14 @@ def solve_w_out(
     w_mode: str = "auto",
     anchor_is_start: bool = False,
     merge: Optional[jax.Array] = None,
+    fallback: bool = True,
 ) -> tuple[dict, SolveInfo]:
     """argmin_{W,b} (1/N) Σ loss(Y, (A(X_L; W) + b) M) + ρ‖W‖² + ρ'‖(W, b) − anchor‖².
 
     merge: M ∈ R^{KC×C} of a multi-branch head (`fenchel.heads`; None: M = I) acting on the stacked
     K·C-column layer. The fit U ↦ mean loss(Y, U M) is convex with curvature ≤ c_loss ‖M‖₂²/N; with a guide
     selection a column outside it enters only ρ‖W‖² + ρ'‖(W, b) − anchor‖² (minimiser ρ'/(ρ + ρ')·anchor,
-    and the anchor's bias).
+    and the anchor's bias). fallback: see `solve_w`.
     """
     n = x_in.shape[0]
 
@@ -720,4 +722,4 @@ def solve_w_out(
         curvature = loss_curvature(loss) / n * jnp.linalg.eigvalsh(merge.T @ merge)[-1]
 
     block = WBlock(spec, fit, curvature, layer, x_in, rho, anchor, rho_prox, anchor_is_start)
-    return solve_w(block, cfg, w_mode)
+    return solve_w(block, cfg, w_mode, fallback)

@@ -324,19 +324,29 @@ def test_stacked_w_step_equals_the_list_of_blocks(granularity):
     assert not np.allclose(stacked[1]["kernel"], params[1]["kernel"])  # the blocks moved
 
 
-def test_a_float32_stacked_w_step_retries_the_block_it_cannot_factor_like_the_list_of_blocks():
-    """float32, stack_layers="on": W_1's inputs raw-scale and nearly collinear (its kernel_mm system cannot be
-    factored), W_2's unit-scale, 12 samples ≤ 16 inputs (the kernel forms). The stacked W step must retry W_1 in
-    the primal_mm form like the list of blocks does (`blocks.solve_w`), not report it non-finite."""
+def _float32_blocks_one_cannot_factor(raw_layer: int):
+    """float32 W step inputs of a 5-16-16-16-3 network, 12 samples ≤ 16 inputs (the kernel forms): W_raw_layer's
+    input raw-scale and nearly collinear (its kernel_mm system cannot be factored in float32), the others
+    unit-scale. Returns (sizes, x, y, xs, params)."""
     sizes, f32 = (5, 16, 16, 16, 3), jnp.float32
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(12, 5)), f32)
     y = jax.nn.one_hot(rng.integers(0, 3, 12), 3, dtype=f32)
-    raw = 1e4 * np.abs(rng.normal(size=(1, 16))) + rng.normal(size=(12, 16))
-    xs = [jnp.asarray(a, f32) for a in (raw, np.abs(rng.normal(size=(12, 16))), np.abs(rng.normal(size=(12, 16))))]
+    xs = [np.abs(rng.normal(size=(12, 16))) for _ in range(3)]
+    xs[raw_layer - 1] = 1e4 * np.abs(rng.normal(size=(1, 16))) + rng.normal(size=(12, 16))
     params = jax.tree_util.tree_map(lambda a: a.astype(f32), init(2, sizes))
-    cfg = dict(lambdas=(1.0, 1.0, 1.0), rho=1e-5, rho_prox=0.1)
-    on, off = trainer(sizes, stack_layers="on", **cfg), trainer(sizes, stack_layers="off", **cfg)
+    return sizes, x, y, [jnp.asarray(a, f32) for a in xs], params
+
+
+W_RETRY_CFG = dict(lambdas=(1.0, 1.0, 1.0), rho=1e-5, rho_prox=0.1)
+
+
+def test_a_float32_stacked_w_step_retries_the_block_it_cannot_factor_like_the_list_of_blocks():
+    """float32, stack_layers="on", W_1's kernel_mm system not factorable (`_float32_blocks_one_cannot_factor`).
+    The stacked W step must retry W_1 in the primal_mm form like the list of blocks does (`blocks.solve_w`), not
+    report it non-finite."""
+    sizes, x, y, xs, params = _float32_blocks_one_cannot_factor(1)
+    on, off = trainer(sizes, stack_layers="on", **W_RETRY_CFG), trainer(sizes, stack_layers="off", **W_RETRY_CFG)
     assert on._w_groups(xs, x) == [[0], [1, 2], [3]]
     stacked, s_infos = on.w_step(params, xs, x, y, params, True)
     listed, l_infos = off.w_step(params, xs, x, y, params, True)
@@ -345,6 +355,33 @@ def test_a_float32_stacked_w_step_retries_the_block_it_cannot_factor_like_the_li
         scale = float(np.abs(np.asarray(listed[l]["kernel"])).max())
         np.testing.assert_allclose(np.asarray(stacked[l]["kernel"]), np.asarray(listed[l]["kernel"]), rtol=0,
                                    atol=1e-2 * scale, err_msg=f"layer {l}")
+
+
+@pytest.mark.parametrize("stack_layers", ["on", "off"])
+@pytest.mark.parametrize("raw_layer", [1, 3], ids=["hidden", "output"])
+def test_w_retry_false_leaves_the_block_it_cannot_factor_non_finite_and_the_others_unchanged(raw_layer, stack_layers):
+    """w_retry=False: the block whose float32 kernel_mm system cannot be factored (a hidden one, stacked or
+    not, or the output layer's) comes back NONFINITE, where w_retry=True solves it again; every other block's
+    result is the same either way."""
+    sizes, x, y, xs, params = _float32_blocks_one_cannot_factor(raw_layer)
+    results = {}
+    for retry in (True, False):
+        tr = trainer(sizes, stack_layers=stack_layers, w_retry=retry, **W_RETRY_CFG)
+        results[retry] = tr.w_step(params, xs, x, y, params, True)
+    (with_retry, with_infos), (without, without_infos) = results[True], results[False]
+    assert int(with_infos[raw_layer].result) != Result.NONFINITE
+    assert np.isfinite(np.asarray(with_retry[raw_layer]["kernel"])).all()
+    assert int(without_infos[raw_layer].result) == Result.NONFINITE
+    for l in set(range(len(sizes) - 1)) - {raw_layer}:
+        assert int(with_infos[l].result) == int(without_infos[l].result) != Result.NONFINITE, f"layer {l}"
+        for k in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(with_retry[l][k]), np.asarray(without[l][k]),
+                                          err_msg=f"layer {l} {k}")
+
+
+def test_w_retry_rejects_a_non_boolean():
+    with pytest.raises(ValueError, match="w_retry"):
+        LiftedConfig(w_retry="no")
 
 
 def test_stacked_minibatch_training_equals_unstacked():

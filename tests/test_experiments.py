@@ -493,6 +493,18 @@ def test_fields_added_later_keep_earlier_runs_identity():
     assert config_hash(identity(today)) != config_hash(identity(before))
 
 
+def test_w_retry_reaches_the_trainer_and_leaves_the_runs_identity_alone():
+    """--config.w_retry=False builds a trainer without the W-block retry; a run that goes on is the same run with
+    or without it (a block it would rescue stops the run instead), so relaunching with it changed resumes."""
+    from experiments.train import Job, identity
+    from experiments.workdir import config_hash
+
+    on, off = tiny(trainer="fenchel"), tiny(trainer="fenchel", w_retry=False)
+    assert on.w_retry is True
+    assert Job(on).trainer.config.w_retry is True and Job(off).trainer.config.w_retry is False
+    assert config_hash(identity(on)) == config_hash(identity(off))
+
+
 def test_time_to_accuracy_sums_the_training_seconds_up_to_the_first_epoch_reaching_it():
     """bench_mnist's time to target, by hand: an off-by-one epoch or a sum over all epochs would differ."""
     from experiments.bench_mnist import time_to
@@ -617,6 +629,32 @@ def test_bench_budgets_section_times_each_budget_against_adam(monkeypatch, capsy
     bench.print_tables({"machine": bench.machine(), **out})
     printed = capsys.readouterr().out
     assert all(f"| {x} / {w} |" in printed for x, w in made)
+
+
+def test_bench_retry_section_times_each_trainer_with_the_retry_and_without(monkeypatch, capsys):
+    """`experiments.bench --sections retry`: every step budget and every stack_layers mode gets a trainer with
+    w_retry True and one with False (a flag dropped on the way would time the same program twice), and the table
+    prints a row for each."""
+    from experiments import bench
+
+    made = []
+
+    class Recording(bench.LiftedTrainer):
+        def __init__(self, config, layers):
+            made.append((config.x_max_steps, config.w_max_steps, config.stack_layers, config.w_retry))
+            super().__init__(config, layers)
+
+    monkeypatch.setattr(bench, "LiftedTrainer", Recording)
+    out = {}
+    bench.section_retry(argparse.Namespace(budget_steps=2, reps=1), out)
+    assert made == [(10, 3, "auto", True), (10, 3, "auto", False), (3, 2, "auto", True), (3, 2, "auto", False),
+                    (10, 3, "off", True), (10, 3, "off", False), (10, 3, "on", True), (10, 3, "on", False)]
+    r = out["retry"]
+    assert [(row["x_max_steps"], row["w_max_steps"]) for row in r["steps"]] == [(10, 3), (3, 2)]
+    assert all(row[k] > 0 for row in r["steps"] + r["layers"] for k in row if k.endswith("_s"))
+    bench.print_tables({"machine": bench.machine(), **out})
+    printed = capsys.readouterr().out
+    assert "| 784-300-10, 10 / 3 |" in printed and "| 784-300×4-10 update, stack_layers=on |" in printed
 
 
 def test_bench_alternates_the_timed_calls_and_reports_each_ones_median():
