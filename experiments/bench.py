@@ -70,6 +70,8 @@ ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:1
                  "lenet5": mnist_lenet5.get_config().layers}
 SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "retry", "curves", "fullbatch", "devices",
             "model", "memory")
+# the layers and retry sections' network: this many equal hidden layers of this width (784-300-300-300-300-10)
+EQUAL_DEPTH, EQUAL_WIDTH = 4, 300
 # the fullbatch section's variants: (W form for N > n_in, x_chunk_bytes); the last is the default
 FULLBATCH_VARIANTS = (("primal", -1), ("primal_mm", 0), ("primal_mm", -1))
 
@@ -336,7 +338,7 @@ def section_layers(args, out: dict) -> None:
     """Equal-width hidden W blocks (784-300-300-300-300-10, batch 100) through `LiftedTrainer`, with
     `stack_layers` off (a list of solves in one program) and on (one solve vmapped over the stacked layers):
     the W step alone and the whole minibatch update."""
-    width, depth = 300, 4
+    width, depth = EQUAL_WIDTH, EQUAL_DEPTH
     job = _job(",".join([f"dense:{width}"] * depth), "adam")
     x, y = job.x_train[:100], job.y_train[:100]
     params = job.params0
@@ -379,7 +381,7 @@ def section_retry(args, out: dict) -> None:
     rows = [{"x_max_steps": xs, "w_max_steps": ws, "step_retry_s": step_s[f"{xs}/{ws} True"],
              "step_no_retry_s": step_s[f"{xs}/{ws} False"]} for xs, ws in ((10, 3), (3, 2))]
 
-    job = _job(",".join(["dense:300"] * 4), "adam")
+    job = _job(",".join([f"dense:{EQUAL_WIDTH}"] * EQUAL_DEPTH), "adam")
     xb, yb, params = job.x_train[:100], job.y_train[:100], job.params0
     calls_per_rep = 20
     calls = {}
@@ -404,7 +406,8 @@ def section_retry(args, out: dict) -> None:
     layers = [{"stack_layers": mode, "w_step_retry_s": layer_s[f"w {mode} True"],
                "w_step_no_retry_s": layer_s[f"w {mode} False"], "update_retry_s": layer_s[f"update {mode} True"],
                "update_no_retry_s": layer_s[f"update {mode} False"]} for mode in ("off", "on")]
-    out["retry"] = {"adam_step_s": step_s["adam"], "steps": rows, "layers": layers}
+    out["retry"] = {"adam_step_s": step_s["adam"], "steps": rows, "layers": layers,
+                    "layers_architecture": f"784-{'-'.join([str(EQUAL_WIDTH)] * EQUAL_DEPTH)}-10"}
     said = [f"{r['x_max_steps']}/{r['w_max_steps']} step {r['step_retry_s'] * 1e3:.2f} ms with the retry, "
             f"{r['step_no_retry_s'] * 1e3:.2f} without" for r in rows]
     print(f"  {'; '.join(said)} (Adam {step_s['adam'] * 1e3:.2f} ms)", flush=True)
@@ -592,10 +595,9 @@ def print_tables(out: dict) -> None:
                   f"{row['step_no_retry_s'] * 1e3:.3f} | {row['step_retry_s'] / r['adam_step_s']:.2f} | "
                   f"{row['step_no_retry_s'] / r['adam_step_s']:.2f} |")
         for row in r["layers"]:
-            print(f"| 784-300×4-10 W step, stack_layers={row['stack_layers']} | {row['w_step_retry_s'] * 1e3:.3f} | "
-                  f"{row['w_step_no_retry_s'] * 1e3:.3f} | | |")
-            print(f"| 784-300×4-10 update, stack_layers={row['stack_layers']} | {row['update_retry_s'] * 1e3:.3f} | "
-                  f"{row['update_no_retry_s'] * 1e3:.3f} | | |")
+            for what, key in (("W step", "w_step"), ("update", "update")):
+                print(f"| {r['layers_architecture']} {what}, stack_layers={row['stack_layers']} | "
+                      f"{row[key + '_retry_s'] * 1e3:.3f} | {row[key + '_no_retry_s'] * 1e3:.3f} | | |")
     if "curves" in out:
         for key, label in (("samples", "samples (784-300-10)"), ("width", "hidden width (784-W-10)")):
             c = out["curves"][key]

@@ -633,28 +633,46 @@ def test_bench_budgets_section_times_each_budget_against_adam(monkeypatch, capsy
 
 def test_bench_retry_section_times_each_trainer_with_the_retry_and_without(monkeypatch, capsys):
     """`experiments.bench --sections retry`: every step budget and every stack_layers mode gets a trainer with
-    w_retry True and one with False (a flag dropped on the way would time the same program twice), and the table
-    prints a row for each."""
+    w_retry True and one with False (a flag dropped on the way would time the same program twice), each JSON
+    field takes its own call's time (with and without not swapped; per step, per call), and the table prints a
+    row for each. The timing itself is replaced by distinct made-up medians, so nothing compiles."""
     from experiments import bench
 
-    made = []
+    made, medians = [], {}
 
     class Recording(bench.LiftedTrainer):
         def __init__(self, config, layers):
             made.append((config.x_max_steps, config.w_max_steps, config.stack_layers, config.w_retry))
             super().__init__(config, layers)
 
+    def made_up(calls, reps):
+        assert reps == 3
+        times = {label: {"median_s": 0.1 * (len(medians) + i + 1)} for i, label in enumerate(calls)}
+        medians.update({label: t["median_s"] for label, t in times.items()})
+        return times
+
     monkeypatch.setattr(bench, "LiftedTrainer", Recording)
+    monkeypatch.setattr(bench, "timed_alternating", made_up)
+    monkeypatch.setattr(bench, "EQUAL_WIDTH", 8)
     out = {}
-    bench.section_retry(argparse.Namespace(budget_steps=2, reps=1), out)
+    bench.section_retry(argparse.Namespace(budget_steps=4, reps=3), out)
     assert made == [(10, 3, "auto", True), (10, 3, "auto", False), (3, 2, "auto", True), (3, 2, "auto", False),
                     (10, 3, "off", True), (10, 3, "off", False), (10, 3, "on", True), (10, 3, "on", False)]
     r = out["retry"]
-    assert [(row["x_max_steps"], row["w_max_steps"]) for row in r["steps"]] == [(10, 3), (3, 2)]
-    assert all(row[k] > 0 for row in r["steps"] + r["layers"] for k in row if k.endswith("_s"))
+    assert r["adam_step_s"] == pytest.approx(medians["adam"] / 4)
+    for row, (xs, ws) in zip(r["steps"], ((10, 3), (3, 2))):
+        assert (row["x_max_steps"], row["w_max_steps"]) == (xs, ws)
+        assert row["step_retry_s"] == pytest.approx(medians[f"{xs}/{ws} True"] / 4)
+        assert row["step_no_retry_s"] == pytest.approx(medians[f"{xs}/{ws} False"] / 4)
+    for row, mode in zip(r["layers"], ("off", "on")):
+        assert row["stack_layers"] == mode
+        for key, label in (("w_step", "w"), ("update", "update")):
+            assert row[f"{key}_retry_s"] == pytest.approx(medians[f"{label} {mode} True"] / 20)
+            assert row[f"{key}_no_retry_s"] == pytest.approx(medians[f"{label} {mode} False"] / 20)
+    assert len(set(medians.values())) == len(medians) == 13
     bench.print_tables({"machine": bench.machine(), **out})
     printed = capsys.readouterr().out
-    assert "| 784-300-10, 10 / 3 |" in printed and "| 784-300×4-10 update, stack_layers=on |" in printed
+    assert "| 784-300-10, 10 / 3 |" in printed and "| 784-8-8-8-8-10 update, stack_layers=on |" in printed
 
 
 def test_bench_alternates_the_timed_calls_and_reports_each_ones_median():
