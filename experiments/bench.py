@@ -18,6 +18,7 @@ compile time (first call minus median) is reported separately. Sections (`--sect
   layers   equal-width hidden W blocks through LiftedTrainer, stack_layers off (a list) and on (stacked, vmapped).
   retry    the W blocks' non-finite retry (`w_retry`) on and off: the 784-300-10 step at 10 / 3 and 3 / 2 against
            Adam's (`--budget-steps` steps per call), and the layers section's W step and update (JSON: `retry`).
+           Not in a plain run: name it in `--sections`.
   curves   time per full-batch sweep of 784-300-10 against samples (1k … 60k) and of 784-W-10 against width
            W (100 … 4000), with fitted growth exponents (least squares on log time against log size).
   fullbatch  full-batch BCD of 784-300-10 on `--fullbatch-samples` images with each dense W form for more samples
@@ -70,6 +71,9 @@ ARCHITECTURES = {"784-300-10": "dense:300", "784-300-100-10": "dense:300,dense:1
                  "lenet5": mnist_lenet5.get_config().layers}
 SECTIONS = ("epoch", "activations", "blocks", "budgets", "layers", "retry", "curves", "fullbatch", "devices",
             "model", "memory")
+# sections a plain run leaves out: diagnostics of one setting, not the issue's benchmark table
+NOT_DEFAULT = frozenset({"retry"})
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in NOT_DEFAULT)
 # the layers and retry sections' network: this many equal hidden layers of this width (784-300-300-300-300-10)
 EQUAL_DEPTH, EQUAL_WIDTH = 4, 300
 # the fullbatch section's variants: (W form for N > n_in, x_chunk_bytes); the last is the default
@@ -243,6 +247,24 @@ def section_blocks(args, out: dict) -> None:
                      "rows": rows}
 
 
+def _steps_on_rows(x, y):
+    """run(trainer, state, idxs): `trainer`'s steps on the rows `idxs` of (x, y) in turn (one fused program per
+    step, `loop.step_on_rows`); returns the last state."""
+    def run(trainer, state, idxs):
+        step = loop.step_on_rows(trainer)
+        for idx in idxs:
+            state = step(state, x, y, idx)[0]
+        return state
+    return run
+
+
+def _equal_layers():
+    """The layers and retry sections' network (`EQUAL_DEPTH` hidden layers of `EQUAL_WIDTH`): (its job, its name,
+    the first 100 training images and labels)."""
+    job = _job(",".join([f"dense:{EQUAL_WIDTH}"] * EQUAL_DEPTH), "adam")
+    return job, f"784-{'-'.join([str(EQUAL_WIDTH)] * EQUAL_DEPTH)}-10", job.x_train[:100], job.y_train[:100]
+
+
 def section_budgets(args, out: dict) -> None:
     """Lifted minibatch steps (784-300-10) at each iteration budget of `--budget-grid` against Adam's step."""
     grid = parse_budget_grid(args.budget_grid)
@@ -254,20 +276,15 @@ def section_budgets(args, out: dict) -> None:
         raise ValueError(f"--budget-warm-steps + --budget-steps = {warm + n} exceeds the {len(batches)} batches of "
                          "an epoch")
 
-    def run(trainer, state, idxs=batches[warm:warm + n]):
-        step = loop.step_on_rows(trainer)
-        for idx in idxs:
-            state = step(state, x, y, idx)[0]
-        return state
-
+    run, timed_idxs = _steps_on_rows(x, y), batches[warm:warm + n]
     # each trainer's own state after `warm` steps
     start = {label: jax.block_until_ready(run(job.trainer, job.trainer.init(job.params0), batches[:warm]))
              for label, job in (("lifted", lifted), ("adam", adam))}
-    jobs = {"adam": (adam.trainer, start["adam"])}
+    jobs = {"adam": (adam.trainer, start["adam"], timed_idxs)}
     for xs, ws in grid:
         tr = LiftedTrainer(dataclasses.replace(lifted.trainer.config, x_max_steps=xs, w_max_steps=ws),
                            lifted.trainer.layers)
-        jobs[f"{xs}/{ws}"] = (tr, start["lifted"])
+        jobs[f"{xs}/{ws}"] = (tr, start["lifted"], timed_idxs)
     times = timed_alternating({label: (run, job) for label, job in jobs.items()}, reps=args.reps)
     step_s = {label: t["median_s"] / n for label, t in times.items()}
     adam_s = step_s["adam"]
@@ -338,11 +355,9 @@ def section_layers(args, out: dict) -> None:
     """Equal-width hidden W blocks (784-300-300-300-300-10, batch 100) through `LiftedTrainer`, with
     `stack_layers` off (a list of solves in one program) and on (one solve vmapped over the stacked layers):
     the W step alone and the whole minibatch update."""
-    width, depth = EQUAL_WIDTH, EQUAL_DEPTH
-    job = _job(",".join([f"dense:{width}"] * depth), "adam")
-    x, y = job.x_train[:100], job.y_train[:100]
+    job, architecture, x, y = _equal_layers()
     params = job.params0
-    row = {"architecture": f"784-{'-'.join([str(width)] * depth)}-10", "blocks": depth - 1}
+    row = {"architecture": architecture, "blocks": EQUAL_DEPTH - 1}
     for mode in ("off", "on"):
         tr = LiftedTrainer(LiftedConfig(stack_layers=mode), job.layers)
         xs, _ = tr.x_step(params, tr.forward(params, x), x, y)
@@ -357,33 +372,26 @@ def section_layers(args, out: dict) -> None:
 
 
 def section_retry(args, out: dict) -> None:
-    """What the W blocks' non-finite retry (`LiftedConfig.w_retry`, one `lax.cond` per W block) costs: the
-    784-300-10 minibatch step at 10 / 3 and 3 / 2 iterations with it and without, alternating with Adam's step
-    (`--budget-steps` steps per call), and the W step and update of 784-300-300-300-300-10 listed and stacked."""
+    """What the W blocks' non-finite retry (`LiftedConfig.w_retry`, one `lax.cond` per W solve and round) costs:
+    the 784-300-10 minibatch step at 10 / 3 and 3 / 2 iterations with it and without, alternating with Adam's
+    step (`--budget-steps` steps per call, from the initial weights), and the layers section's W step and update,
+    listed and stacked."""
     lifted, adam = _job(ARCHITECTURES["784-300-10"], "fenchel"), _job(ARCHITECTURES["784-300-10"], "adam")
     x, y = lifted.x_train, lifted.y_train
-    n = args.budget_steps
-    idxs = loop.epoch_batches(0, 0, x.shape[0], 100)[:n]
-
-    def run(trainer, state):
-        step = loop.step_on_rows(trainer)
-        for idx in idxs:
-            state = step(state, x, y, idx)[0]
-        return state
-
-    calls = {"adam": (run, (adam.trainer, adam.trainer.init(adam.params0)))}
+    idxs = loop.epoch_batches(0, 0, x.shape[0], 100)[:args.budget_steps]
+    n, run = len(idxs), _steps_on_rows(x, y)
+    calls = {"adam": (run, (adam.trainer, adam.trainer.init(adam.params0), idxs))}
     for xs, ws in ((10, 3), (3, 2)):
         for retry in (True, False):
             cfg = dataclasses.replace(lifted.trainer.config, x_max_steps=xs, w_max_steps=ws, w_retry=retry)
             tr = LiftedTrainer(cfg, lifted.trainer.layers)
-            calls[f"{xs}/{ws} {retry}"] = (run, (tr, tr.init(lifted.params0)))
+            calls[f"{xs}/{ws} {retry}"] = (run, (tr, tr.init(lifted.params0), idxs))
     step_s = {label: t["median_s"] / n for label, t in timed_alternating(calls, args.reps).items()}
     rows = [{"x_max_steps": xs, "w_max_steps": ws, "step_retry_s": step_s[f"{xs}/{ws} True"],
              "step_no_retry_s": step_s[f"{xs}/{ws} False"]} for xs, ws in ((10, 3), (3, 2))]
 
-    job = _job(",".join([f"dense:{EQUAL_WIDTH}"] * EQUAL_DEPTH), "adam")
-    xb, yb, params = job.x_train[:100], job.y_train[:100], job.params0
-    calls_per_rep = 20
+    job, architecture, xb, yb = _equal_layers()
+    params, calls_per_rep = job.params0, 20
     calls = {}
     for mode in ("off", "on"):
         for retry in (True, False):
@@ -406,8 +414,9 @@ def section_retry(args, out: dict) -> None:
     layers = [{"stack_layers": mode, "w_step_retry_s": layer_s[f"w {mode} True"],
                "w_step_no_retry_s": layer_s[f"w {mode} False"], "update_retry_s": layer_s[f"update {mode} True"],
                "update_no_retry_s": layer_s[f"update {mode} False"]} for mode in ("off", "on")]
-    out["retry"] = {"adam_step_s": step_s["adam"], "steps": rows, "layers": layers,
-                    "layers_architecture": f"784-{'-'.join([str(EQUAL_WIDTH)] * EQUAL_DEPTH)}-10"}
+    out["retry"] = {"architecture": "784-300-10", "batch": 100, "steps_per_call": n, "adam_step_s": step_s["adam"],
+                    "steps": rows, "layers": layers, "layers_architecture": architecture,
+                    "layers_calls_per_rep": calls_per_rep}
     said = [f"{r['x_max_steps']}/{r['w_max_steps']} step {r['step_retry_s'] * 1e3:.2f} ms with the retry, "
             f"{r['step_no_retry_s'] * 1e3:.2f} without" for r in rows]
     print(f"  {'; '.join(said)} (Adam {step_s['adam'] * 1e3:.2f} ms)", flush=True)
@@ -640,7 +649,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the results here (JSON)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions; step-based epochs")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {SECTIONS} (default: all but {', '.join(sorted(NOT_DEFAULT))})")
     p.add_argument("--reps", type=int, default=None, help="timed calls per figure (default 5, quick 3)")
     p.add_argument("--epoch-reps", type=int, default=3, help="whole epochs per MLP trainer")
     p.add_argument("--sweep-samples", type=int, default=60000, help="full-batch sweep size, MLPs")
@@ -690,6 +700,8 @@ def main(argv=None):
             p.error(str(err))
         if args.model_width < 1:
             p.error("--model-width must be ≥ 1")
+    if "retry" in sections and not 1 <= args.budget_steps <= 600:
+        p.error("--budget-steps must be between 1 and 600 (the batches of an MNIST epoch) for the retry section")
     if "budgets" in sections:
         try:
             parse_budget_grid(args.budget_grid)

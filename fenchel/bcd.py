@@ -99,11 +99,11 @@ class LiftedConfig:
       not pay; docs/benchmarks.md). The result is the same up to float rounding.
     w_retry: a float32 (or narrower) W block solved in the kernel_mm form that comes back non-finite (raw-scale,
       nearly collinear inputs whose N × N system float32 cannot factor) is solved again in the primal_mm form
-      (`blocks.solve_w`). Its `lax.cond` costs nothing measurable on the CPU; on a GPU it is a round trip to the
-      host per W block, and it keeps XLA's WHILE/CONDITIONAL command buffers from capturing the step (H100,
-      784-300-10, batch 100, 10 / 3 iterations: 1.63–1.73 ms per step with it, 1.51–1.64 without; with those
-      command buffers 1.47–1.61 and 1.16–1.17; docs/benchmarks.md). False: such a block stops the run as
-      diverged instead. A run that goes on is the same either way.
+      (`blocks.solve_w`). It is one `lax.cond` per W solve (a block, or a stacked group) and round: within the
+      CPU's noise, but on a GPU a round trip to the host each, and slower under XLA's WHILE/CONDITIONAL command
+      buffers (docs/benchmarks.md, "The W retry and command buffers on the GPU"). False: such a block keeps its
+      start and is reported non-finite (`SweepInfo.nonfinite`), which stops a launcher run as diverged and a
+      full-batch fit with FloatingPointError; a run that goes on is the same either way.
     """
 
     activation: str = "relu"
@@ -482,15 +482,18 @@ class LiftedTrainer(Trainer):
         return params, info
 
     def _minibatch_rounds(self, params, x0, y, merge=None, xs=None, lams=None):
-        """`_minibatch_update` at multipliers `lams`; returns (params, X after the last round, SweepInfo)."""
+        """`_minibatch_update` at multipliers `lams`; returns (params, X after the last round, SweepInfo of the last
+        round, its `nonfinite` that of any round: a block that met a non-finite value and kept its start in one
+        round must still stop the run when a later round's blocks are finite)."""
         anchors = params
         if xs is None:
             xs = forward(params, x0, self.penalty, self.layers)[0]
-        info = None
+        info, bad = None, jnp.zeros((), bool)
         for k in range(self.config.alternations):
             params, xs, info = self._round(params, xs, x0, y, anchors, anchor_is_start=(k == 0), merge=merge,
                                            lams=lams)
-        return params, xs, info
+            bad = bad | info.nonfinite
+        return params, xs, info._replace(nonfinite=bad)
 
     def _head_update(self, params, head_state, x0, y):
         """Minibatch BCD with a head: the weakness scores see the forward pass's logits, then M is fixed for the
@@ -595,7 +598,8 @@ class LiftedTrainer(Trainer):
     def fit_full_batch(self, params, x0, y, sweeps: int, callback: Optional[Callable] = None):
         """Full-batch BCD for `sweeps` sweeps; returns (params, xs, objective history).
 
-        Monotone for κ = 1 (see `_sweep`). A non-finite objective stops it with FloatingPointError.
+        Monotone for κ = 1 (see `_sweep`). A non-finite objective, or a block solve that met a non-finite value
+        (and kept its start; with `w_retry` a W block is first solved again), stops it with FloatingPointError.
         Plain heads only.
         """
         if self.head is not None:
@@ -609,6 +613,9 @@ class LiftedTrainer(Trainer):
             history.append(float(self.objective_terms(params, xs, x0, y)["total"]))
             if not jnp.isfinite(history[-1]):
                 raise FloatingPointError(f"non-finite lifted objective at sweep {k + 1}")
+            if bool(info.nonfinite):
+                raise FloatingPointError(f"a block solve met a non-finite value at sweep {k + 1} (it kept its start; "
+                                         "raw-scale inputs? normalise them, or see LiftedConfig.w_retry)")
             if callback is not None:
                 callback(k, params, xs, info)
         return params, xs, history

@@ -379,6 +379,56 @@ def test_w_retry_false_leaves_the_block_it_cannot_factor_non_finite_and_the_othe
                                           err_msg=f"layer {l} {k}")
 
 
+def _raw_scale_float32_batch():
+    """12 float32 samples of 16 raw-scale, nearly collinear inputs (W_0's kernel_mm system cannot be factored in
+    float32), labels of 3 classes, and a 16-16-3 network's float32 weights."""
+    sizes, f32 = (16, 16, 3), jnp.float32
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(1e4 * np.abs(rng.normal(size=(1, 16))) + rng.normal(size=(12, 16)), f32)
+    y = jax.nn.one_hot(rng.integers(0, 3, 12), 3, dtype=f32)
+    return sizes, x, y, jax.tree_util.tree_map(lambda a: a.astype(f32), init(3, sizes))
+
+
+@pytest.mark.parametrize("alternations", [1, 2])
+def test_a_minibatch_step_without_the_w_retry_reports_the_block_it_cannot_factor(alternations):
+    """The step's SweepInfo, which the launcher stops on: w_retry=False reports W_0's failed solve as non-finite
+    (the weights stay finite: the block keeps its start), w_retry=True solves it again and goes on."""
+    sizes, x, y, params = _raw_scale_float32_batch()
+    for retry in (True, False):
+        tr = trainer(sizes, w_retry=retry, alternations=alternations, lambdas=1.0, rho=1e-5, rho_prox=0.1)
+        new, info = tr.minibatch_update(params, x, y)
+        assert bool(info.nonfinite) is not retry, f"w_retry={retry}"
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(new))
+
+
+def test_a_block_non_finite_in_an_earlier_round_is_still_reported_after_the_last():
+    """alternations=2: a round-1 block that met a non-finite value (and kept its start) must reach the step's
+    SweepInfo even when round 2's blocks are all finite; only the last round's flag would lose it."""
+    x, _, y = toy(n=16)
+
+    class FirstRoundFails(LiftedTrainer):
+        def _round(self, *args, anchor_is_start=False, **kwargs):
+            params, xs, info = super()._round(*args, anchor_is_start=anchor_is_start, **kwargs)
+            return params, xs, info._replace(nonfinite=info.nonfinite | anchor_is_start)
+
+    for alternations, expected in ((1, True), (2, True)):
+        tr = FirstRoundFails(LiftedConfig(alternations=alternations), mlp(SIZES))
+        assert bool(tr.minibatch_update(init(0), x, y)[1].nonfinite) is expected
+    plain = trainer(alternations=2)
+    assert not bool(plain.minibatch_update(init(0), x, y)[1].nonfinite)
+
+
+def test_a_full_batch_fit_stops_at_a_block_that_met_a_non_finite_value():
+    """fit_full_batch without the W retry on inputs whose float32 kernel_mm system cannot be factored: W_0 keeps
+    its start and the objective stays finite, so only the sweep's non-finite flag can stop it; with the retry it
+    runs."""
+    sizes, x, y, params = _raw_scale_float32_batch()
+    with pytest.raises(FloatingPointError, match="non-finite value at sweep 1"):
+        trainer(sizes, w_retry=False, lambdas=1.0).fit_full_batch(params, x, y, sweeps=2)
+    history = trainer(sizes, w_retry=True, lambdas=1.0).fit_full_batch(params, x, y, sweeps=2)[2]
+    assert np.isfinite(history).all()
+
+
 def test_w_retry_rejects_a_non_boolean():
     with pytest.raises(ValueError, match="w_retry"):
         LiftedConfig(w_retry="no")

@@ -634,8 +634,9 @@ def test_bench_budgets_section_times_each_budget_against_adam(monkeypatch, capsy
 def test_bench_retry_section_times_each_trainer_with_the_retry_and_without(monkeypatch, capsys):
     """`experiments.bench --sections retry`: every step budget and every stack_layers mode gets a trainer with
     w_retry True and one with False (a flag dropped on the way would time the same program twice), each JSON
-    field takes its own call's time (with and without not swapped; per step, per call), and the table prints a
-    row for each. The timing itself is replaced by distinct made-up medians, so nothing compiles."""
+    field takes its own call's time (with and without not swapped; per step, per call), each timed call runs its
+    own trainer, and the table prints a row for each. The timing is replaced by distinct made-up medians, so no
+    step compiles."""
     from experiments import bench
 
     made, medians = [], {}
@@ -647,6 +648,17 @@ def test_bench_retry_section_times_each_trainer_with_the_retry_and_without(monke
 
     def made_up(calls, reps):
         assert reps == 3
+        for label, (fn, args) in calls.items():  # the trainer each call would time
+            if label == "adam":
+                continue
+            parts = label.split()
+            tr = args[0] if "/" in parts[0] else fn.__defaults__[0]
+            assert str(tr.config.w_retry) == parts[-1], label
+            if "/" in parts[0]:
+                assert f"{tr.config.x_max_steps}/{tr.config.w_max_steps}" == parts[0], label
+                assert len(args[2]) == 4  # --budget-steps batches
+            else:
+                assert tr.config.stack_layers == parts[1], label
         times = {label: {"median_s": 0.1 * (len(medians) + i + 1)} for i, label in enumerate(calls)}
         medians.update({label: t["median_s"] for label, t in times.items()})
         return times
