@@ -411,9 +411,8 @@ def test_a_block_non_finite_in_an_earlier_round_is_still_reported_after_the_last
             params, xs, info = super()._round(*args, anchor_is_start=anchor_is_start, **kwargs)
             return params, xs, info._replace(nonfinite=info.nonfinite | anchor_is_start)
 
-    for alternations, expected in ((1, True), (2, True)):
-        tr = FirstRoundFails(LiftedConfig(alternations=alternations), mlp(SIZES))
-        assert bool(tr.minibatch_update(init(0), x, y)[1].nonfinite) is expected
+    flagged = FirstRoundFails(LiftedConfig(alternations=2), mlp(SIZES))
+    assert bool(flagged.minibatch_update(init(0), x, y)[1].nonfinite)
     plain = trainer(alternations=2)
     assert not bool(plain.minibatch_update(init(0), x, y)[1].nonfinite)
 
