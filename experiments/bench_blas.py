@@ -3,7 +3,7 @@
 Every lifted W block factors its majoriser once per solve (`fenchel.solvers.cholesky_inverse`: a Cholesky factor
 and a triangular solve, which jax runs in scipy's OpenBLAS on the CPU). OpenBLAS's worker threads then compete
 with XLA's for the cores. `import fenchel` therefore sets OPENBLAS_NUM_THREADS=1 unless it is set already
-(`fenchel._blas`). OpenBLAS reads the variable once, when it loads, so each setting runs in its own child process;
+(`fenchel._cpu`). OpenBLAS reads the variable once, when it loads, so each setting runs in its own child process;
 the settings alternate for --rounds rounds so that drift in the machine's speed hits both. Each child prints the
 median time of one lifted minibatch step and one Adam step (MNIST 784-300-10, `configs/mnist_mlp.py`, batch 100,
 cycling over 50 batches after 5 warm-up steps), and the median and 90th percentile of an isolated

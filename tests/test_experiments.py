@@ -707,6 +707,25 @@ def test_bench_alternates_the_timed_calls_and_reports_each_ones_median():
     assert 0.015 < out["a"]["median_s"] < 0.05 and 0.15 < out["b"]["median_s"] < 0.4
 
 
+def test_bench_factor_times_both_sides_of_the_triangular_solve_and_both_are_numpys_inverse(capsys):
+    """experiments.bench_factor's reference form (the left-side solve LX = I) is numpy's L⁻¹, the same matrix as
+    `cholesky_inverse`'s right-side one (a transposed or mis-scaled form would differ); a run prints one row per
+    size with both forms' times."""
+    from experiments import bench_factor
+    from fenchel.solvers import cholesky_inverse
+
+    m = np.asarray(bench_factor.spd_matrix(12), np.float64)
+    m = m @ np.diag(np.linspace(0.5, 4.0, 12))
+    m = (m + m.T) / 2 + 12 * np.eye(12)  # SPD with unequal diagonal: the equilibration is exercised
+    want = np.linalg.inv(np.linalg.cholesky(m))
+    for form in (bench_factor.left_side_inverse, cholesky_inverse):
+        np.testing.assert_allclose(np.asarray(form(jnp.asarray(m))), want, rtol=1e-10, atol=1e-12)
+    bench_factor.main(["--sizes", "8,16", "--reps", "1", "--calls", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |") or
+            line.startswith("| 16 |")]
+    assert len(rows) == 2 and all(len(r.strip("|").split("|")) == 6 for r in rows)
+
+
 def test_signal_decay_reports_each_layers_move_and_a_weaker_lower_lambda_moves_x1_further():
     """experiments.signal_decay on the tiny config: one X move per hidden layer, one W move per layer, all finite and
     positive; and since X_1's block is λ_0 B(U_0, X_1) + λ_1 B(A X_1 + b, X_2), whose λ_0 term is minimised at the
