@@ -293,9 +293,12 @@ def gram_majoriser(a: jax.Array, curvature, diag: jax.Array) -> jax.Array:
 def cholesky_inverse(m: jax.Array, jitter: float = 0.0) -> jax.Array:
     """L⁻¹ for the SPD M + jitter·diag(M) = LLᵀ, so that its inverse times R is two matrix products, L⁻ᵀ(L⁻¹R).
 
-    L⁻¹ is formed explicitly (one triangular solve against I): XLA's CPU triangular solve with many
-    right-hand sides is ~20× slower than the two products (16.8 against 0.4 ms for N = 100, 300 columns),
-    and the block solvers apply M⁻¹ once per iteration with the same M. The solve is XLᵀ = I (X = L⁻ᵀ, then
+    L⁻¹ is formed explicitly (one triangular solve against I): the block solvers apply M⁻¹ once per iteration
+    with the same M, and two triangular solves with many right-hand sides cost more than one product with M⁻¹
+    (about 290 against 58 µs for N = 100 and 300 columns on the 2-core CPU, 2026-11-27; 20× more under two
+    OpenBLAS threads earlier). With about 40 columns or fewer the two solves cost less (N = 100, three
+    applications: 79 against 114 µs for 10 columns); a W block of a 10-class output layer would save about
+    35 µs per solve that way, which is not taken. The solve is XLᵀ = I (X = L⁻ᵀ, then
     transposed): on the CPU it takes 13–22% less time than LX = I with the factor and the product L⁻ᵀL⁻¹
     included (N = 100, 300; docs/benchmarks.md, "The triangular solve's side").
 
