@@ -49,6 +49,7 @@ from fenchel.solvers import (
     power_iteration,
     result_code,
     row_sums,
+    spd_solver,
 )
 
 X_MODES = ("batched", "vmap")
@@ -454,14 +455,14 @@ def solve_w_kernel_mm(block: WBlock, cfg: SolverConfig) -> tuple[dict, SolveInfo
     # step: d = g − q = S⁻¹(s·g − r'), and K·d = s·g − r' − s·d − 1(1ᵀd).
     shift = mu / curv
     eye = jnp.eye(rep.x.shape[0], dtype=rep.w0.dtype)
-    l_inv = cholesky_inverse(rep.gram + 1.0 + shift * eye)
-    s_inv = l_inv.T @ l_inv  # S⁻¹, once per solve
+    # S⁻¹ is applied once per step (the first, closed-form one included) to N × n_out right-hand sides
+    s_inv = spd_solver(rep.gram + 1.0 + shift * eye, rep.w0.shape[-1], cfg.max_steps)
     c_star = 2.0 * rp / mu  # the W_a coefficient of every iterate after the first step
 
     def step_parts(g, r_prime):
         """d = S⁻¹(s·g − r') and K·d, for the fit gradient g and r' = Z(∇f − Zᵀg)."""
         rhs = shift * g - r_prime
-        d = s_inv @ rhs
+        d = s_inv(rhs)
         d_sum = jnp.sum(d, axis=0)
         return d, rhs - shift * d - d_sum, d_sum
 

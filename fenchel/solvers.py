@@ -290,17 +290,23 @@ def gram_majoriser(a: jax.Array, curvature, diag: jax.Array) -> jax.Array:
     return curvature * (a.T @ a) + jnp.diag(diag)
 
 
+def _equilibrated_cholesky(m: jax.Array, jitter: float) -> tuple[jax.Array, jax.Array]:
+    """(L_Q, d): Q + jitter·I = L_Q L_Qᵀ for Q = D⁻¹MD⁻¹, D = diag(d), d = diag(M)^½ (a zero entry taken as 1)."""
+    d = jnp.sqrt(jnp.diag(m))
+    d = jnp.where(d > 0, d, 1.0)
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    return jnp.linalg.cholesky(m / d[:, None] / d[None, :] + jitter * eye), d
+
+
 def cholesky_inverse(m: jax.Array, jitter: float = 0.0) -> jax.Array:
     """L⁻¹ for the SPD M + jitter·diag(M) = LLᵀ, so that its inverse times R is two matrix products, L⁻ᵀ(L⁻¹R).
 
     L⁻¹ is formed explicitly (one triangular solve against I): the block solvers apply M⁻¹ once per iteration
     with the same M, and two triangular solves with many right-hand sides cost more than one product with M⁻¹
     (about 290 against 58 µs for N = 100 and 300 columns on the 2-core CPU, 2026-11-27; 20× more under two
-    OpenBLAS threads earlier). With about 40 columns or fewer the two solves cost less (N = 100, three
-    applications: 79 against 114 µs for 10 columns); a W block of a 10-class output layer would save about
-    35 µs per solve that way, which is not taken. The solve is XLᵀ = I (X = L⁻ᵀ, then
-    transposed): on the CPU it takes 13–22% less time than LX = I with the factor and the product L⁻ᵀL⁻¹
-    included (N = 100, 300; docs/benchmarks.md, "The triangular solve's side").
+    OpenBLAS threads earlier); with few right-hand sides in all the solves cost less (`spd_solver` chooses).
+    The solve is XLᵀ = I (X = L⁻ᵀ, then transposed): on the CPU it takes 13–22% less time than LX = I with the
+    factor and the product L⁻ᵀL⁻¹ included (N = 100, 300; docs/benchmarks.md, "The triangular solve's side").
 
     M is equilibrated first: with D = diag(M)^½, M = D Q D and Q (unit diagonal) is factored, so L = D L_Q and
     L⁻¹ = L_Q⁻¹D⁻¹, the same L in exact arithmetic (a zero diagonal entry is scaled by 1). jitter > 0 factors
@@ -310,12 +316,32 @@ def cholesky_inverse(m: jax.Array, jitter: float = 0.0) -> jax.Array:
     `majoriser_jitter` a rank-deficient Gram matrix of nearly collinear inputs (saturated or constant features,
     raw scales of 10⁴) factors in float32 in practice, where M itself does not.
     """
-    d = jnp.sqrt(jnp.diag(m))
-    d = jnp.where(d > 0, d, 1.0)
+    chol, d = _equilibrated_cholesky(m, jitter)
     eye = jnp.eye(m.shape[0], dtype=m.dtype)
-    chol = jnp.linalg.cholesky(m / d[:, None] / d[None, :] + jitter * eye)
     l_inv_t = jax.lax.linalg.triangular_solve(chol, eye, left_side=False, lower=True, transpose_a=True)
     return l_inv_t.T / d[None, :]
+
+
+def spd_solver(m: jax.Array, columns: int, applications: int, jitter: float = 0.0) -> Callable[[jax.Array], jax.Array]:
+    """R ↦ M⁻¹R (M + jitter·diag(M) in place of M, equilibrated as in `cholesky_inverse`) for `applications` calls
+    with R of `columns` columns, by whichever of two routes costs less on the CPU:
+    - few right-hand sides in all (columns · applications < N): two triangular solves with the factor per call,
+      M⁻¹R = D⁻¹L_Q⁻ᵀ(L_Q⁻¹(D⁻¹R));
+    - otherwise: M⁻¹ = L⁻ᵀL⁻¹ formed once (`cholesky_inverse`), then one product per call.
+    The cost of both crosses near columns · applications ≈ N (N = 100, 2026-11-27; docs/benchmarks.md, "Few
+    right-hand sides"): a 10-class output layer's W block at one W iteration, 45 against 100 µs.
+    """
+    if int(columns) * int(applications) < m.shape[0]:
+        chol, d = _equilibrated_cholesky(m, jitter)
+
+        def solve(r):
+            z = jax.lax.linalg.triangular_solve(chol, r / d[:, None], left_side=True, lower=True)
+            return jax.lax.linalg.triangular_solve(chol, z, left_side=True, lower=True, transpose_a=True) / d[:, None]
+
+        return solve
+    l_inv = cholesky_inverse(m, jitter)
+    m_inv = l_inv.T @ l_inv
+    return lambda r: m_inv @ r
 
 
 def majoriser_jitter(n: int, dtype) -> float:

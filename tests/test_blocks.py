@@ -1095,7 +1095,8 @@ def mm_problem(anchor_is_start: bool):
 def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start):
     """kernel_mm after k steps against a numpy MM-FISTA on (W, b) with P = c·[X 1]ᵀ[X 1] + μI (μ on the bias too),
     k = 1..8, a restart among them (catches the closed-form first step's momentum, a wrong W_a coefficient c* of the
-    later iterates, or a wrong inner product in the reduced loop's restart test or residual)."""
+    later iterates, or a wrong inner product in the reduced loop's restart test or residual). With N = 9 and 4
+    outputs, k = 1, 2 apply S⁻¹ by triangular solves and k ≥ 3 by the formed inverse (`spd_solver`): both routes."""
     pen = get_penalty("relu")
     x_in, x_out, layer, anchor, lam, rho, rho_prox, fg = mm_problem(anchor_is_start)
     n, n_in = x_in.shape

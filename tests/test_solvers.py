@@ -24,6 +24,7 @@ from fenchel.solvers import (
     majoriser_jitter,
     power_iteration,
     spd_solve,
+    spd_solver,
 )
 
 LO, HI = -0.4, 0.6  # the box of the test problems' constraint
@@ -150,6 +151,25 @@ def test_cholesky_inverse_and_spd_solve():
     np.testing.assert_allclose(inv @ m @ inv.T, np.eye(5), atol=1e-10)
     np.testing.assert_allclose(np.asarray(spd_solve(jnp.asarray(m), jnp.asarray(r))), np.linalg.solve(m, r),
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("columns, applications, by_solves", [(2, 3, True), (3, 3, False), (9, 1, False),
+                                                                (8, 1, True)])
+def test_spd_solver_takes_the_route_its_rule_names_and_either_gives_numpys_solve(columns, applications, by_solves):
+    """spd_solver(M, columns, applications) on a badly scaled SPD 9 × 9 M with jitter: triangular solves per call
+    exactly when columns · applications < N (the jaxpr of a call holds them, or only a product), and either route
+    gives numpy's (M + jitter·diag(M))⁻¹R (catches an equilibration applied on one side only, or a transposed
+    solve: the factor is not symmetric)."""
+    rng = np.random.default_rng(11)
+    g = rng.normal(size=(9, 9))
+    d = np.diag(np.logspace(-2, 2, 9))
+    m = d @ (g @ g.T + 2.0 * np.eye(9)) @ d
+    r = rng.normal(size=(9, columns))
+    solve = spd_solver(jnp.asarray(m), columns, applications, jitter=1e-3)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(solve)(jnp.asarray(r)).jaxpr.eqns}
+    assert ("triangular_solve" in primitives) == by_solves, primitives
+    want = np.linalg.solve(m + 1e-3 * np.diag(np.diag(m)), r)
+    np.testing.assert_allclose(np.asarray(solve(jnp.asarray(r))), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
 def test_cholesky_inverse_of_badly_scaled_and_nearly_singular_matrices_in_float32():
