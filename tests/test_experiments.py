@@ -710,7 +710,7 @@ def test_bench_alternates_the_timed_calls_and_reports_each_ones_median():
 def test_bench_factor_times_both_sides_of_the_triangular_solve_and_both_are_numpys_inverse(capsys):
     """experiments.bench_factor's reference form (the left-side solve LX = I) is numpy's L⁻¹, the same matrix as
     `cholesky_inverse`'s right-side one (a transposed or mis-scaled form would differ); a run prints one row per
-    size with both forms' times."""
+    size with both forms' times, and one per right-hand-side count with the route `spd_solver` takes."""
     from experiments import bench_factor
     from fenchel.solvers import cholesky_inverse
 
@@ -720,10 +720,13 @@ def test_bench_factor_times_both_sides_of_the_triangular_solve_and_both_are_nump
     want = np.linalg.inv(np.linalg.cholesky(m))
     for form in (bench_factor.left_side_inverse, cholesky_inverse):
         np.testing.assert_allclose(np.asarray(form(jnp.asarray(m))), want, rtol=1e-10, atol=1e-12)
-    bench_factor.main(["--sizes", "8,16", "--reps", "1", "--calls", "2"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |") or
-            line.startswith("| 16 |")]
+    bench_factor.main(["--sizes", "8,16", "--reps", "1", "--calls", "2", "--rhs-grid", "2/3,3/3"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| 8 |") or line.startswith("| 16 |")]
     assert len(rows) == 2 and all(len(r.strip("|").split("|")) == 6 for r in rows)
+    # spd_solver's routes on N = 8: 2·3 < 8 takes the solves, 3·3 ≥ 8 the formed inverse
+    rhs = [line.strip("|").split("|") for line in out if line.startswith("| 2 | 3 |") or line.startswith("| 3 | 3 |")]
+    assert [r[-1].strip() for r in rhs] == ["solves", "inverse"]
 
 
 def test_signal_decay_reports_each_layers_move_and_a_weaker_lower_lambda_moves_x1_further():
