@@ -13,4 +13,5 @@ def get_config():
     c = fashion_mnist_mlp.get_config()
     c.lambda_update = "continuation"
     c.warm_start_epochs = 0
+    c.w_max_steps = 3  # the W budget its measured figures (docs/lambda.md) were taken with
     return c

@@ -19,4 +19,5 @@ def get_config():
     # objective batch costs about 40 s on the 2-core CPU (up to 200 iterations per block), 50 sweeps up to half an
     # hour. --config.bound_max_sweeps=K turns it back on.
     c.bound_max_sweeps = 0
+    c.w_max_steps = 3  # the W budget its measured figures (docs/lenet5.md) were taken with
     return c

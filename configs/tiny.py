@@ -2,7 +2,8 @@
 
     python -m experiments.run --config configs/tiny.py --workdir /tmp/tiny
 
-Runs in seconds for every trainer; measured test accuracy 86.2% (fenchel, seed 0).
+Runs in seconds for every trainer; measured test accuracy 85.9% (fenchel, seed 0; 86.2% with 3 W iterations
+per block, the default before 2026-11-27).
 """
 
 from configs import default

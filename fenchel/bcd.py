@@ -69,7 +69,10 @@ class LiftedConfig:
     schedule: order of the X blocks (`SCHEDULES`).
     x_mode: X blocks batched over samples or vmapped ("batched", "vmap").
     w_mode: W-block solver form (`fenchel.layers.W_FORMS`; "auto": the layer chooses).
-    x_tol, x_max_steps, w_tol, w_max_steps: stopping rule of each X / W block solve.
+    x_tol, x_max_steps, w_tol, w_max_steps: stopping rule of each X / W block solve. One W iteration is one
+      majorise-minimise step from the block's start (exact on the quadratic part); 784-300-10 trained with one
+      (since 2026-11-27) as accurately as with three on MNIST and 1.2 points better on Fashion-MNIST, and
+      784-300-100-10 within 0.1 on both, at less cost per step (docs/benchmarks.md, "One W iteration").
     lambda_update: how λ changes during training (`LAMBDA_UPDATES`), after every minibatch update:
       "fixed"         λ stays at `lambdas`;
       "continuation"  λ_l ← min(lambda_growth · λ_l, lambda_max);
@@ -121,7 +124,7 @@ class LiftedConfig:
     x_tol: float = 1e-4
     x_max_steps: int = 10
     w_tol: float = 1e-4
-    w_max_steps: int = 3
+    w_max_steps: int = 1
     lambda_update: str = "fixed"
     lambda_step: float = 1.0
     lambda_growth: float = 1.001
