@@ -329,7 +329,7 @@ def spd_solver(m: jax.Array, columns: int, applications: int, jitter: float = 0.
       M⁻¹R = D⁻¹L_Q⁻ᵀ(L_Q⁻¹(D⁻¹R));
     - otherwise: M⁻¹ = L⁻ᵀL⁻¹ formed once (`cholesky_inverse`), then one product per call.
     The cost of both crosses near columns · applications ≈ N (N = 100, 2026-11-27; docs/benchmarks.md, "Few
-    right-hand sides"): a 10-class output layer's W block at one W iteration, 45 against 100 µs.
+    right-hand sides"): a 10-class output layer's W block at one W iteration, 45–48 against 100 µs.
     """
     if int(columns) * int(applications) < m.shape[0]:
         chol, d = _equilibrated_cholesky(m, jitter)
