@@ -72,8 +72,8 @@ class LiftedConfig:
     x_tol, x_max_steps, w_tol, w_max_steps: stopping rule of each X / W block solve. One W iteration is one
       majorise-minimise step from the block's start (exact on the quadratic part); 784-300-10 trained with one
       (since 2026-11-27) as accurately as with three on MNIST and 1.2 points better on Fashion-MNIST, and
-      784-300-100-10 within 0.11 on both, at less cost per step; LeNet-5, 0.05–0.16 lower in a short run, keeps 3
-      in its configs (docs/benchmarks.md, "One W iteration").
+      784-300-100-10 within 0.11 on both (0.12 after warm start), at less cost per step; LeNet-5, 0.05–0.16
+      lower in a short run, keeps 3 in its configs (docs/benchmarks.md, "One W iteration").
     lambda_update: how λ changes during training (`LAMBDA_UPDATES`), after every minibatch update:
       "fixed"         λ stays at `lambdas`;
       "continuation"  λ_l ← min(lambda_growth · λ_l, lambda_max);
