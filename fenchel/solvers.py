@@ -335,8 +335,10 @@ def spd_solver(m: jax.Array, columns: int, applications: int, jitter: float = 0.
         chol, d = _equilibrated_cholesky(m, jitter)
 
         def solve(r):
-            z = jax.lax.linalg.triangular_solve(chol, r / d[:, None], left_side=True, lower=True)
-            return jax.lax.linalg.triangular_solve(chol, z, left_side=True, lower=True, transpose_a=True) / d[:, None]
+            d_r = d.reshape((-1,) + (1,) * (r.ndim - 1))  # D along R's rows, for a vector or a matrix R
+            z = jax.lax.linalg.triangular_solve(chol, (r / d_r).reshape(r.shape[0], -1), left_side=True, lower=True)
+            z = jax.lax.linalg.triangular_solve(chol, z, left_side=True, lower=True, transpose_a=True)
+            return z.reshape(r.shape) / d_r
 
         return solve
     l_inv = cholesky_inverse(m, jitter)

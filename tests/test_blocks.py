@@ -1091,6 +1091,17 @@ def mm_problem(anchor_is_start: bool):
     return x_in, x_out, layer, anchor, lam, rho, rho_prox, fg
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (loop bodies, branches) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 @pytest.mark.parametrize("anchor_is_start", [True, False])
 def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start):
     """kernel_mm after k steps against a numpy MM-FISTA on (W, b) with P = c·[X 1]ᵀ[X 1] + μI (μ on the bias too),
@@ -1108,9 +1119,16 @@ def test_kernel_mm_takes_the_iterates_of_mm_fista_in_the_primal(anchor_is_start)
     jx = {k: jnp.asarray(v) for k, v in layer.items()}
     ja = jx if anchor_is_start else {k: jnp.asarray(v) for k, v in anchor.items()}
     for k in range(1, 9):
-        p, info = solve_w_hidden(pen, Dense(N_OUT), jx, jnp.asarray(x_in), jnp.asarray(x_out), lam, rho,
-                                 SolverConfig(tol=1e-14, max_steps=k), ja, rho_prox, w_mode="kernel_mm",
-                                 anchor_is_start=anchor_is_start)
+        def solve(k=k):
+            return solve_w_hidden(pen, Dense(N_OUT), jx, jnp.asarray(x_in), jnp.asarray(x_out), lam, rho,
+                                  SolverConfig(tol=1e-14, max_steps=k), ja, rho_prox, w_mode="kernel_mm",
+                                  anchor_is_start=anchor_is_start)
+
+        p, info = solve()
+        if k <= 3:  # the route: solves with the factor (left-side triangular solves) iff N_OUT·k < N
+            left = [e for e in _equations(jax.make_jaxpr(solve)().jaxpr)
+                    if e.primitive.name == "triangular_solve" and e.params["left_side"]]
+            assert bool(left) == (N_OUT * k < n), (k, len(left))
         assert int(info.steps) == k
         expected = xs[k - 1] if fg(xs[k - 1])[0] <= fg(theta0)[0] else theta0  # the safeguard
         np.testing.assert_allclose(np.vstack([p["kernel"], p["bias"]]), expected, atol=1e-10, err_msg=f"step {k}")

@@ -170,6 +170,8 @@ def test_spd_solver_takes_the_route_its_rule_names_and_either_gives_numpys_solve
     assert ("triangular_solve" in primitives) == by_solves, primitives
     want = np.linalg.solve(m + 1e-3 * np.diag(np.diag(m)), r)
     np.testing.assert_allclose(np.asarray(solve(jnp.asarray(r))), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(solve(jnp.asarray(r[:, 0]))), want[:, 0], rtol=1e-9,  # a vector R too
+                               atol=1e-12 * np.abs(want).max())
 
 
 def test_cholesky_inverse_of_badly_scaled_and_nearly_singular_matrices_in_float32():
