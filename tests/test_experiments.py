@@ -668,8 +668,9 @@ def test_bench_retry_section_times_each_trainer_with_the_retry_and_without(monke
     monkeypatch.setattr(bench, "EQUAL_WIDTH", 8)
     out = {}
     bench.section_retry(argparse.Namespace(budget_steps=4, reps=3), out)
+    xd, wd = LiftedConfig().x_max_steps, LiftedConfig().w_max_steps  # the layers network runs the default budget
     assert made == [(10, 3, "auto", True), (10, 3, "auto", False), (3, 2, "auto", True), (3, 2, "auto", False),
-                    (10, 3, "off", True), (10, 3, "off", False), (10, 3, "on", True), (10, 3, "on", False)]
+                    (xd, wd, "off", True), (xd, wd, "off", False), (xd, wd, "on", True), (xd, wd, "on", False)]
     r = out["retry"]
     assert r["adam_step_s"] == pytest.approx(medians["adam"] / 4)
     for row, (xs, ws) in zip(r["steps"], ((10, 3), (3, 2))):
