@@ -25,14 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench import timed_alternating
-from fenchel.solvers import cholesky_inverse, spd_solver
+from fenchel.solvers import _equilibrated_cholesky, cholesky_inverse, spd_solver
 
 
 def left_side_inverse(m: jax.Array) -> jax.Array:
     """L⁻¹ from the left-side solve LX = I, with `cholesky_inverse`'s equilibration (the form it replaced)."""
-    d = jnp.sqrt(jnp.diag(m))
-    d = jnp.where(d > 0, d, 1.0)
-    chol = jnp.linalg.cholesky(m / d[:, None] / d[None, :])
+    chol, d = _equilibrated_cholesky(m, 0.0)
     return jax.scipy.linalg.solve_triangular(chol, jnp.eye(m.shape[0], dtype=m.dtype), lower=True) / d[None, :]
 
 

@@ -667,6 +667,17 @@ def test_warm_prox_data_is_carried_per_row_and_held_once_a_row_has_converged():
         solver.init(plain._replace(prox_warm=counting.prox_warm), x0, 9.0)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (loop bodies, branches) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 @pytest.mark.parametrize("act", ["sigmoid", "tanh"])
 def test_x_block_iterations_carry_the_prox_root_instead_of_taking_a_log(act):
     """The sigmoid and tanh X blocks' FISTA loop carries each element's root t (v = φ(t)) to the next prox call.
@@ -677,22 +688,13 @@ def test_x_block_iterations_carry_the_prox_root_instead_of_taking_a_log(act):
     jaxpr = jax.make_jaxpr(lambda x: blocks.solve_x_hidden(pen, x, u_prev, Dense(N_OUT), layer, x_next, 0.8, 1.7,
                                                            TIGHT))(x0)
 
-    def equations(jxpr):  # every equation, nested ones (loop bodies, calls) included
-        for eqn in jxpr.eqns:
-            yield eqn
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        yield from equations(sub)
-
     def array_ops(jxpr):  # primitives applied to arrays (not to constants such as log 2 in log cosh)
-        return {e.primitive.name for e in equations(jxpr) if any(getattr(v.aval, "shape", ()) for v in e.outvars)}
+        return {e.primitive.name for e in _equations(jxpr) if any(getattr(v.aval, "shape", ()) for v in e.outvars)}
 
     def holds_a_loop(eqn):  # the FISTA loop holds the root finder's loop
-        return "while" in {q.primitive.name for q in equations(eqn.params["body_jaxpr"].jaxpr)}
+        return "while" in {q.primitive.name for q in _equations(eqn.params["body_jaxpr"].jaxpr)}
 
-    loops = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "while" and holds_a_loop(e)]
+    loops = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "while" and holds_a_loop(e)]
     assert loops, "no FISTA loop found"
     for loop in loops:
         body = array_ops(loop.params["body_jaxpr"].jaxpr)
@@ -1089,17 +1091,6 @@ def mm_problem(anchor_is_start: bool):
         return val, np.vstack([g[:n_in * N_OUT].reshape(n_in, N_OUT), g[n_in * N_OUT:]])
 
     return x_in, x_out, layer, anchor, lam, rho, rho_prox, fg
-
-
-def _equations(jaxpr):
-    """Every equation of a jaxpr, those of its sub-jaxprs (loop bodies, branches) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
 
 
 @pytest.mark.parametrize("anchor_is_start", [True, False])
